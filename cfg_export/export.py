@@ -1,0 +1,202 @@
+"""export_onnx: a trained guided model -> an artifact folder (model.onnx + manifest.json)."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cfg_export import __version__
+from cfg_export.loading import LoadedModel, load_model
+from runtime.errors import CfgExportError, require
+from runtime.files import staged_dir
+from runtime.manifest import METADATA_KEY, ConditionKind, Layout, Manifest, TensorSpec, parse_enum
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17  # parsed by TensorRT 10.x (JetPack 6) and 11.x, and ONNX Runtime >= 1.14
+DEFAULT_TOLERANCE = 1e-4  # max relative error of ONNX Runtime against PyTorch in the self-check
+CHECK_BATCHES = (1, 5)  # images N the self-check runs a dynamic graph at
+
+
+@dataclass
+class CheckResult:
+    batch: int  # images N
+    max_abs: float
+    max_rel: float  # max |onnx - torch| / max |torch|
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    manifest: Manifest
+    seconds: float
+    checks: list[CheckResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _tensor_specs(loaded: LoadedModel, layout: Layout, batch: int | None):
+    facts = loaded.facts
+    rows_name = "2N" if layout is Layout.STACKED else "N"
+    if batch is None:
+        rows = rows_name
+    else:
+        rows = 2 * batch if layout is Layout.STACKED else batch
+    if facts.condition.kind is ConditionKind.CLASS:
+        cond = TensorSpec("cond", (rows,), "int64")
+    else:
+        cond = TensorSpec("cond", (rows, *facts.condition.shape), "float32")
+    inputs = [TensorSpec("sample", (rows, *facts.sample_shape), "float32"),
+              TensorSpec("timestep", (rows,), facts.timestep_dtype), cond]
+    if layout is Layout.FUSED:
+        inputs.append(TensorSpec("w", (rows,), "float32"))
+    return tuple(inputs), (TensorSpec("eps", (rows, *facts.sample_shape), "float32"),)
+
+
+def example_inputs(manifest: Manifest, batch: int, seed: int = 0) -> dict:
+    """Returns random numpy feeds for `batch` images: the first half of a stacked batch
+    carries real labels, the second the null condition."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    facts = manifest.facts
+    rows = batch * manifest.rows_per_image
+    T = facts.schedule.num_train_timesteps
+    timestep = rng.integers(0, T, size=rows).astype(facts.timestep_dtype)
+    if facts.condition.kind is ConditionKind.CLASS:
+        cond = rng.integers(0, facts.condition.num_classes, size=rows).astype(np.int64)
+        if manifest.layout is Layout.STACKED:
+            cond[batch:] = facts.condition.null
+    else:
+        cond = rng.standard_normal((rows, *facts.condition.shape)).astype(np.float32)
+    feeds = {"sample": rng.standard_normal((rows, *facts.sample_shape)).astype(np.float32),
+             "timestep": timestep, "cond": cond}
+    if manifest.layout is Layout.FUSED:
+        feeds["w"] = rng.uniform(0, 4, size=rows).astype(np.float32)
+    return feeds
+
+
+def _null_tensor(loaded: LoadedModel, source_dir: Path | None):
+    torch = require("torch", "export")
+    cond = loaded.facts.condition
+    if cond.kind is ConditionKind.CLASS:
+        return torch.tensor(cond.null, dtype=torch.int64)
+    import numpy as np
+
+    if cond.null_file is None or source_dir is None:
+        raise CfgExportError("an embedding condition needs a null embedding file (condition.null_file)")
+    return torch.from_numpy(np.load(source_dir / cond.null_file).astype(np.float32))
+
+
+def _export_graph(wrapper, manifest: Manifest, path: Path, opset: int, example: dict) -> None:
+    torch = require("torch", "export")
+    names = [s.name for s in manifest.inputs]
+    args = tuple(torch.from_numpy(example[n]) for n in names)
+    dynamic_axes = None
+    if manifest.batch is None:
+        rows = manifest.inputs[0].shape[0]
+        dynamic_axes = {s.name: {0: rows} for s in manifest.inputs + manifest.outputs}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["eps"],
+                              dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+    except torch.onnx.errors.UnsupportedOperatorError as exc:
+        message = str(exc).splitlines()[0]
+        raise CfgExportError(f"{message}; try another --opset, or replace that operator in the model") from None
+    except torch.onnx.errors.OnnxExporterError as exc:
+        raise CfgExportError(f"ONNX export failed at opset {opset}: {str(exc).splitlines()[0]}") from None
+
+
+def _write_metadata(path: Path, manifest: Manifest) -> None:
+    onnx = require("onnx", "export")
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(manifest.to_dict(with_sha=False), sort_keys=True)
+    model.producer_name, model.producer_version = "cfg-export", __version__
+    onnx.save(model, str(path))
+
+
+def check_export(wrapper, manifest: Manifest, path: Path, batches=CHECK_BATCHES) -> list[CheckResult]:
+    """Returns the errors of ONNX Runtime (CPU) against PyTorch on random inputs at each
+    batch size, after onnx.checker has passed."""
+    torch = require("torch", "export")
+    onnx = require("onnx", "export")
+    ort = require("onnxruntime", "onnxruntime")
+    import numpy as np
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CfgExportError(f"onnx.checker rejects the exported model: {str(exc).splitlines()[0]}") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    results = []
+    for batch in ([manifest.batch] if manifest.batch is not None else batches):
+        feeds = example_inputs(manifest, batch, seed=batch)
+        (got,) = session.run(None, feeds)
+        with torch.no_grad():
+            want = wrapper(*(torch.from_numpy(feeds[s.name]) for s in manifest.inputs)).numpy()
+        max_abs = float(np.abs(got - want).max())
+        results.append(CheckResult(batch, max_abs, max_abs / max(float(np.abs(want).max()), 1e-12)))
+    return results
+
+
+def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = None,
+                batch: int | None = None, opset: int | None = None, check: bool = True,
+                tolerance: float | None = None, overwrite: bool = False) -> ExportResult:
+    """Returns what was written: `out_dir/model.onnx` and `out_dir/manifest.json` for MODEL
+    (a model folder or 'module:factory').
+
+    layout 'stacked' (default): sample [2N, *S], timestep [2N], cond [2N] -> eps [2N, *S].
+    layout 'fused': sample [N, *S], timestep [N], cond [N], w [N] -> guided eps [N, *S].
+    batch: images N of a static graph; None for a dynamic batch. Unless check is False,
+    the model is validated by onnx.checker and ONNX Runtime against PyTorch, and a
+    relative error above `tolerance` raises CfgExportError (nothing is written then).
+    """
+    layout = parse_enum(Layout, layout or Layout.STACKED, "layout")
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+    if batch is not None and int(batch) < 1:
+        raise CfgExportError(f"--batch: got {batch}, expected images N >= 1")
+    torch = require("torch", "export")
+    from cfg_export import wrappers
+
+    start = time.perf_counter()
+    loaded = load_model(model)
+    wrappers.check_signature(loaded.module)
+    inputs, outputs = _tensor_specs(loaded, layout, batch)
+    versions = {"cfg_export": __version__, "torch": torch.__version__, "onnx": require("onnx", "export").__version__}
+    manifest = Manifest(facts=loaded.facts, layout=layout, inputs=inputs, outputs=outputs,
+                        batch=batch, opset=opset, producer=versions)
+    probe = example_inputs(manifest if layout is Layout.STACKED else
+                           Manifest(loaded.facts, Layout.STACKED, inputs, outputs), batch or 1)
+    note = wrappers.check_output_shape(loaded.module, loaded.facts, tuple(
+        torch.from_numpy(probe[k]) for k in ("sample", "timestep", "cond")))
+    source_dir = Path(model) if Path(model).is_dir() else None
+    if layout is Layout.STACKED:
+        wrapper = wrappers.StackedDenoiser(loaded.module, loaded.facts).eval()
+    else:
+        wrapper = wrappers.FusedGuidance(loaded.module, loaded.facts, _null_tensor(loaded, source_dir)).eval()
+    result = ExportResult(Path(out_dir), manifest, 0.0, notes=[note] if note else [])
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        path = tmp / manifest.model_file
+        log.info("exporting %s (%s layout, opset %d) to %s", model, layout.value, opset, out_dir)
+        _export_graph(wrapper, manifest, path, opset, example_inputs(manifest, batch or 2))
+        _write_metadata(path, manifest)
+        if loaded.facts.condition.null_file and source_dir is not None:
+            shutil.copyfile(source_dir / loaded.facts.condition.null_file, tmp / loaded.facts.condition.null_file)
+        if check:
+            result.checks = check_export(wrapper, manifest, path)
+            worst = max(c.max_rel for c in result.checks)
+            if worst > tolerance:
+                raise CfgExportError(f"ONNX Runtime differs from PyTorch: max relative error {worst:.2e} > "
+                                     f"tolerance {tolerance:.0e}; nothing written (pass --tolerance or --no-check)")
+        result.manifest = manifest.with_sha(tmp)
+        result.manifest.write(tmp)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,133 @@
+"""Loading a trained guided model: a model folder (config.json + safetensors) or a
+`module:factory` string. Returns the torch module and its guidance facts."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import CfgExportError, require
+from runtime.manifest import ModelFacts
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class LoadedModel:
+    module: Any  # torch.nn.Module, in eval mode
+    facts: ModelFacts
+    source: str  # what the user named, for the manifest
+
+
+@contextlib.contextmanager
+def _on_sys_path(*folders: Path):
+    added = [str(f) for f in folders if str(f) not in sys.path]
+    sys.path[:0] = added
+    try:
+        yield
+    finally:
+        for f in added:
+            sys.path.remove(f)
+
+
+def import_factory(spec: str, *folders: Path):
+    """Returns the callable named by 'module:factory', importing from `folders` first."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CfgExportError(f"factory {spec!r}: expected 'module:factory', e.g. 'mypackage.nets:build_model'")
+    with _on_sys_path(*folders, Path.cwd()):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise CfgExportError(
+                f"cannot import module {module_name!r} of factory {spec!r}: {exc}; "
+                f"it is looked up in {', '.join(str(f) for f in folders) or 'nothing'}, the current folder and sys.path"
+            ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CfgExportError(f"factory {spec!r}: module {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _split_factory_result(result, spec: str):
+    """A factory returns a module, or (module, facts dict)."""
+    torch = require("torch", "export")
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+        return result[0], result[1]
+    if isinstance(result, torch.nn.Module):
+        return result, None
+    raise CfgExportError(
+        f"factory {spec!r} returned {type(result).__name__}; expected a torch.nn.Module or (module, guidance facts dict)"
+    )
+
+
+def load_state_dict(path: Path) -> dict:
+    """Returns the tensors of a weights file, never unpickling: safetensors, or a torch
+    file read with weights_only=True."""
+    torch = require("torch", "export")
+    if path.suffix == ".safetensors":
+        safetensors_torch = require("safetensors.torch", "export")
+        try:
+            return safetensors_torch.load_file(str(path))
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise CfgExportError(f"{path}: unreadable safetensors file ({exc})") from None
+    if path.suffix in (".pt", ".pth", ".bin"):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CfgExportError(f"{path}: cannot load with weights_only=True ({str(exc).splitlines()[0]})") from None
+    raise CfgExportError(f"{path}: unknown weights format; expected .safetensors (or .pt/.pth/.bin with plain tensors)")
+
+
+def _load_folder(folder: Path) -> LoadedModel:
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise CfgExportError(f"{folder}: no {CONFIG_NAME}; a model folder holds config.json and .safetensors weights")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CfgExportError(f"{config_path}: not valid JSON ({exc})") from None
+    for key in ("factory", "guidance"):
+        if key not in config:
+            raise CfgExportError(f"{config_path}: missing {key!r} (expected keys: factory, args, weights, guidance)")
+    code_dir = (folder / config.get("code_dir", ".")).resolve()
+    factory = import_factory(config["factory"], folder.resolve(), code_dir)
+    try:
+        module, _ = _split_factory_result(factory(**config.get("args", {})), config["factory"])
+    except TypeError as exc:
+        raise CfgExportError(f"factory {config['factory']!r} does not take the config's args: {exc}") from None
+    weights = folder / config.get("weights", "model.safetensors")
+    if not weights.is_file():
+        raise CfgExportError(f"{weights}: weights file missing (config.json names it)")
+    state = load_state_dict(weights)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CfgExportError(f"{weights} does not fit the module built by {config['factory']}: {str(exc).splitlines()[0]}") from None
+    return LoadedModel(module.eval(), ModelFacts.from_dict(config["guidance"]), str(folder))
+
+
+def load_model(model: str) -> LoadedModel:
+    """Returns the module and guidance facts of MODEL: a model folder (config.json naming
+    a 'module:factory', its args, the weights and the guidance facts), or a
+    'module:factory' string whose factory returns (module, guidance facts dict)."""
+    require("torch", "export")
+    path = Path(model)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.exists():
+        raise CfgExportError(f"{model}: a file, not a model folder; MODEL is a folder with config.json or 'module:factory'")
+    if ":" not in model:
+        raise CfgExportError(f"{model}: no such model folder, and not a 'module:factory' string")
+    module, facts = _split_factory_result(import_factory(model)(), model)
+    if facts is None:
+        raise CfgExportError(f"factory {model!r} returned only a module; return (module, guidance facts dict) "
+                             "with condition, prediction, schedule, sample_shape")
+    return LoadedModel(module.eval(), ModelFacts.from_dict(facts), model)

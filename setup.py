@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+# Heavy packages are extras. onnxruntime and onnxruntime-gpu install into the same
+# module folder: pick one of the two extras, never both in one environment.
+EXTRAS = {
+    "export": ["torch>=2.1", "onnx>=1.15", "onnxscript", "safetensors>=0.4"],
+    "onnxruntime": ["onnxruntime>=1.17"],
+    "onnxruntime-gpu": ["onnxruntime-gpu>=1.17"],
+    "tensorrt": ["tensorrt>=10", "cuda-python>=12"],
+    "progress": ["tqdm"],
+    "examples": ["scikit-learn>=1.3"],
+    "dev": ["pytest>=7", "diffusers>=0.30", "scikit-learn>=1.3", "tqdm"],
+}
+
+setup(
+    name="cfg-export",
+    version="0.1.0",
+    description="Classifier-free-guidance diffusion models from PyTorch to ONNX Runtime and TensorRT",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["cfg_export", "cfg_export.*", "runtime", "runtime.*",
+                                    "calibration", "calibration.*"]),
+    install_requires=["numpy>=1.22", "click>=8.0", "pillow>=9.0"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["cfg-export=cfg_export.cli:main"]},
+)

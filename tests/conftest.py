@@ -1,0 +1,44 @@
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "examples" / "digits" / "denoiser"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU (skipped without CUDA)")
+    config.addinivalue_line("markers", "tensorrt: needs the tensorrt package (skipped without it)")
+
+
+def run_cli(*args, cwd=ROOT, env=None):
+    """Runs the cfg-export command in a subprocess; returns the CompletedProcess."""
+    cmd = [sys.executable, "-c", "from cfg_export.cli import main; main()", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env or os.environ.copy())
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@pytest.fixture(scope="session")
+def digits_artifact(tmp_path_factory):
+    """The reference model exported once per session (stacked, dynamic batch)."""
+    from cfg_export.export import export_onnx
+
+    out = tmp_path_factory.mktemp("digits") / "stacked"
+    export_onnx(str(DIGITS), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_fused_artifact(tmp_path_factory):
+    from cfg_export.export import export_onnx
+
+    out = tmp_path_factory.mktemp("digits") / "fused"
+    export_onnx(str(DIGITS), out, layout="fused")
+    return out
