@@ -36,8 +36,15 @@ def main(verbose: int, quiet: bool) -> None:
         eps = (1 + w) * eps(z, c) - w * eps(z, null)
     diffusers' guidance_scale s is 1 + w.
     """
+    click.get_current_context().obj = {"quiet": quiet}
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def say(message: str) -> None:
+    """Prints a result line unless -q was given."""
+    if not click.get_current_context().find_root().obj.get("quiet"):
+        click.echo(message)
 
 
 @main.command("onnx")
@@ -65,12 +72,12 @@ def onnx_command(model, out_dir, fuse_guidance, batch, opset, no_check, toleranc
     result = export_onnx(model, out_dir, layout="fused" if fuse_guidance else "stacked", batch=batch,
                          opset=opset, check=not no_check, tolerance=tolerance, overwrite=overwrite)
     for note in result.notes:
-        click.echo(f"note: {note}")
+        say(f"note: {note}")
     for c in result.checks:
-        click.echo(f"check N={c.batch}: ONNX Runtime vs PyTorch max abs error {c.max_abs:.3e}, "
+        say(f"check N={c.batch}: ONNX Runtime vs PyTorch max abs error {c.max_abs:.3e}, "
                    f"max relative error {c.max_rel:.3e}")
     m = result.manifest
-    click.echo(f"wrote {result.directory / m.model_file} and manifest.json ({m.layout.value} layout, "
+    say(f"wrote {result.directory / m.model_file} and manifest.json ({m.layout.value} layout, "
                f"opset {m.opset}, {'batch N=' + str(m.batch) if m.batch else 'dynamic batch'}) "
                f"in {result.seconds:.1f} s")
 

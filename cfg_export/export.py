@@ -113,8 +113,16 @@ def _export_graph(wrapper, manifest: Manifest, path: Path, opset: int, example: 
 
 
 def _write_metadata(path: Path, manifest: Manifest) -> None:
+    """Stores the manifest's facts in the ONNX metadata, and its names for every size
+    of the graph's inputs and outputs (the exporter leaves some sliced sizes unnamed)."""
     onnx = require("onnx", "export")
     model = onnx.load(str(path))
+    for value, spec in zip([*model.graph.input, *model.graph.output], manifest.inputs + manifest.outputs):
+        for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(manifest.to_dict(with_sha=False), sort_keys=True)

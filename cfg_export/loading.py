@@ -97,6 +97,7 @@ def _load_folder(folder: Path) -> LoadedModel:
     for key in ("factory", "guidance"):
         if key not in config:
             raise CfgExportError(f"{config_path}: missing {key!r} (expected keys: factory, args, weights, guidance)")
+    facts = ModelFacts.from_dict(config["guidance"])
     code_dir = (folder / config.get("code_dir", ".")).resolve()
     factory = import_factory(config["factory"], folder.resolve(), code_dir)
     try:
@@ -111,7 +112,7 @@ def _load_folder(folder: Path) -> LoadedModel:
         module.load_state_dict(state)
     except RuntimeError as exc:
         raise CfgExportError(f"{weights} does not fit the module built by {config['factory']}: {str(exc).splitlines()[0]}") from None
-    return LoadedModel(module.eval(), ModelFacts.from_dict(config["guidance"]), str(folder))
+    return LoadedModel(module.eval(), facts, str(folder))
 
 
 def load_model(model: str) -> LoadedModel:

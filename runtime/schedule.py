@@ -110,10 +110,13 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing | str 
     if not 1 <= int(steps) <= T:
         raise CfgExportError(f"steps: got {steps}, expected 1..{T} (the training timesteps)")
     steps = int(steps)
+    if spacing is Spacing.LEADING and (steps - 1) * (T // steps) + steps_offset > T - 1:
+        raise CfgExportError(f"steps_offset {steps_offset} with {steps} leading steps passes the last "
+                             f"training timestep {T - 1}; use fewer steps or no offset")
     if spacing is Spacing.LEADING:
         timesteps = (np.arange(steps) * (T // steps)).round()[::-1] + steps_offset
     elif spacing is Spacing.TRAILING:
-        timesteps = np.round(np.arange(T, 0, -T / steps)) - 1
+        timesteps = np.round(np.arange(T, 0, -T / steps))[:steps] - 1  # arange can overshoot by one
     else:
         timesteps = np.linspace(0, T - 1, steps).round()[::-1]
     timesteps = timesteps.astype(np.int64)

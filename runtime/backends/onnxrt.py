@@ -1,0 +1,103 @@
+"""ONNX Runtime backend: CPU, or CUDA with IO binding and device buffers reused across steps."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends.base import Backend, describe_differences
+from runtime.errors import CfgExportError, require
+from runtime.manifest import Manifest, TensorSpec, compare_metadata
+
+log = logging.getLogger(__name__)
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+               "tensor(int32)": "int32", "tensor(double)": "float64"}
+
+
+def _onnxruntime():
+    return require("onnxruntime", "onnxruntime")
+
+
+def cuda_available() -> bool:
+    """True when the installed onnxruntime has the CUDA execution provider."""
+    try:
+        return "CUDAExecutionProvider" in _onnxruntime().get_available_providers()
+    except CfgExportError:
+        return False
+
+
+def _specs(args) -> list[TensorSpec]:
+    return [TensorSpec(a.name, tuple(s if isinstance(s, int) else str(s) for s in a.shape),
+                       _ORT_DTYPES.get(a.type, a.type)) for a in args]
+
+
+class OnnxRuntimeBackend(Backend):
+    """An ONNX Runtime session over one .onnx file, on 'cpu' or 'cuda'."""
+
+    def __init__(self, path: str | Path, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+        super().__init__(manifest)
+        if device not in ("cpu", "cuda"):
+            raise CfgExportError(f"onnxruntime device: got {device!r}, expected cpu or cuda")
+        self.path = Path(path)
+        self.device = device
+        self.threads = threads
+        self.name = f"onnxruntime-{device}"
+        self.session = None
+        self._buffers: dict[tuple, object] = {}  # (name, shape) -> OrtValue on the GPU
+
+    def activate(self) -> None:
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise CfgExportError("onnxruntime-cuda backend: this onnxruntime has no CUDA provider; "
+                                     "pip install 'cfg-export[onnxruntime-gpu]' (without onnxruntime), or use onnxruntime-cpu")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise CfgExportError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]})") from None
+        diffs = describe_differences(self.manifest.inputs, _specs(self.session.get_inputs()), "input")
+        diffs += describe_differences(self.manifest.outputs, _specs(self.session.get_outputs()), "output")
+        diffs += compare_metadata(self.manifest, self.session.get_modelmeta().custom_metadata_map)
+        if diffs:
+            self.session = None
+            raise CfgExportError(f"{self.path} does not match its manifest: {'; '.join(diffs)}")
+        if self.device == "cuda":
+            self._binding = self.session.io_binding()
+
+    def deactivate(self) -> None:
+        self.session = None
+        self._buffers.clear()
+
+    def _device_buffer(self, name: str, shape: tuple, dtype) -> object:
+        """An OrtValue on the GPU, allocated once per (name, shape) and reused."""
+        key = (name, shape)
+        if key not in self._buffers:
+            ort = _onnxruntime()
+            self._buffers[key] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
+        return self._buffers[key]
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.device == "cpu":
+            names = [o.name for o in self.manifest.outputs]
+            return dict(zip(names, self.session.run(names, feeds)))
+        binding = self._binding
+        for name, value in feeds.items():
+            buffer = self._device_buffer(name, value.shape, value.dtype)
+            buffer.update_inplace(np.ascontiguousarray(value))
+            binding.bind_ortvalue_input(name, buffer)
+        rows = next(iter(feeds.values())).shape[0]
+        outputs = {}
+        for spec in self.manifest.outputs:
+            shape = (rows, *spec.shape[1:])
+            outputs[spec.name] = self._device_buffer(spec.name, shape, np.dtype(spec.dtype))
+            binding.bind_ortvalue_output(spec.name, outputs[spec.name])
+        self.session.run_with_iobinding(binding)
+        return {name: value.numpy() for name, value in outputs.items()}

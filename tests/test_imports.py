@@ -1,0 +1,54 @@
+"""runtime/ and calibration/ never import torch; the CLI imports without torch too."""
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import ROOT
+
+BLOCK_TORCH = textwrap.dedent("""
+    import importlib, pkgutil, sys
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is blocked for this test")
+    sys.meta_path.insert(0, BlockTorch())
+""")
+
+
+def run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_runtime_and_calibration_import_without_torch():
+    proc = run("""
+        names = []
+        for package in ("runtime", "calibration"):
+            module = importlib.import_module(package)
+            names.append(package)
+            for info in pkgutil.walk_packages(module.__path__, package + "."):
+                if info.name != "runtime.__main__":
+                    importlib.import_module(info.name)
+                    names.append(info.name)
+        assert "torch" not in sys.modules
+        print(len(names), " ".join(names))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    count, names = proc.stdout.split(" ", 1)
+    assert int(count) >= 10 and "runtime.pipeline" in names and "runtime.backends.onnxrt" in names
+
+
+def test_blocker_really_blocks_torch():
+    proc = run("import torch")
+    assert proc.returncode != 0 and "torch is blocked" in proc.stderr
+
+
+def test_cli_without_torch_names_the_extra():
+    proc = run("""
+        from cfg_export.cli import main
+        assert "torch" not in sys.modules
+        main(["onnx", "tests.models:conv2d", "-o", "/nonexistent/never"])
+    """)
+    assert proc.returncode == 1
+    assert "torch is not installed" in proc.stderr and "cfg-export[export]" in proc.stderr
+    assert "Traceback" not in proc.stderr
