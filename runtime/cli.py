@@ -87,7 +87,7 @@ class Progress:
 
 def run_sample(args) -> int:
     from runtime.images import check_drawable, save_grid, save_npy
-    from runtime.pipeline import open_artifact, sample_guided
+    from runtime.pipeline import DEFAULT_STEPS, open_artifact, sample_guided
 
     if args.out is None and args.npy is None:
         raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy")
@@ -115,7 +115,7 @@ def run_sample(args) -> int:
     guidance = GuidanceOptions(w_schedule=args.w_schedule or WSchedule.CONSTANT,
                                interval=tuple(args.interval) if args.interval else None,
                                negative=negative, threshold=args.threshold)
-    progress = Progress(args.steps or 50, args.quiet)
+    progress = Progress(args.steps or DEFAULT_STEPS, args.quiet)
     result = sample_guided(args.artifact, labels, w, steps=args.steps, sampler=args.sampler, spacing=args.spacing,
                            seed=args.seed, noise=noise, eta=args.eta, guidance=guidance, backend=args.backend,
                            callback=progress)

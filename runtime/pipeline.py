@@ -103,7 +103,8 @@ def sample_guided(directory: str | Path, labels: Sequence[int], w: float | Seque
             raise CfgExportError(f"eta applies to the ddim sampler only, not {sampler}")
         extra["eta"] = float(eta)
     alphas_cumprod = manifest.facts.schedule.alphas_cumprod()
-    timesteps = make_timesteps(len(alphas_cumprod), steps or DEFAULT_STEPS, spacing or DEFAULT_SPACING)
+    timesteps = make_timesteps(len(alphas_cumprod), DEFAULT_STEPS if steps is None else steps,
+                               spacing or DEFAULT_SPACING)
     rng = np.random.default_rng(seed)
     x = make_noise(manifest, n, rng, noise)
     result = SampleResult(np.empty(0), labels, timesteps)

@@ -42,3 +42,16 @@ def digits_fused_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits") / "fused"
     export_onnx(str(DIGITS), out, layout="fused")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """tests.models:conv2d exported in both layouts and with a static batch of 2 images."""
+    from cfg_export.export import export_onnx
+
+    root = tmp_path_factory.mktemp("tiny")
+    export_onnx("tests.models:conv2d", root / "stacked")
+    export_onnx("tests.models:conv2d", root / "fused", layout="fused")
+    export_onnx("tests.models:conv2d", root / "static2", batch=2)
+    export_onnx("tests.models:conv1d", root / "audio")
+    return root

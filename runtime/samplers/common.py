@@ -78,7 +78,7 @@ def finish_step(x: np.ndarray, i: int, timesteps: np.ndarray, callback: Callback
     when x holds NaN or Inf: what large guidance weights do to an unthresholded sample.
     """
     t = int(timesteps[i])
-    if not np.all(np.isfinite(x)):
+    if not np.all(np.isfinite(x)) or np.abs(x).max() > np.finfo(np.float32).max:  # inf once cast to float32
         raise CfgExportError(
             f"{sampler}: NaN or Inf in the sample at step {i + 1}/{len(timesteps)} (t={t}); "
             "try a smaller w or dynamic thresholding"

@@ -1,0 +1,169 @@
+"""The w mix, prediction conversion, thresholding and the guided denoiser's feeds."""
+import math
+
+import numpy as np
+import pytest
+
+from runtime.backends.base import Backend
+from runtime.errors import CfgExportError
+from runtime.guidance import GuidanceOptions, GuidedDenoiser, check_w, dynamic_threshold, mix, to_eps
+from runtime.manifest import Condition, Layout, Manifest, ModelFacts, Prediction, TensorSpec
+from runtime.schedule import NoiseSchedule
+
+rng = np.random.default_rng(0)
+
+
+def test_mix_equals_diffusers_guidance_scale_form():
+    eps_c, eps_u = rng.standard_normal((2, 4, 1, 3, 3))
+    w = np.array([0.0, 1.0, -1.0, 3.5])
+    s = 1 + w  # diffusers: eps_u + s * (eps_c - eps_u)
+    want = eps_u + s[:, None, None, None] * (eps_c - eps_u)
+    np.testing.assert_allclose(mix(eps_c, eps_u, w), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(mix(eps_c, eps_u, np.zeros(4)), eps_c)  # w = 0: conditional
+    np.testing.assert_allclose(mix(eps_c, eps_u, -np.ones(4)), eps_u)  # w = -1: unconditional
+
+
+def test_check_w():
+    np.testing.assert_array_equal(check_w(2.5, 3), [2.5, 2.5, 2.5])
+    np.testing.assert_array_equal(check_w([-2, 0, 1], 3), [-2, 0, 1])  # negative w is allowed
+    for bad in (float("nan"), float("inf"), [1, float("-inf"), 0]):
+        with pytest.raises(CfgExportError, match="expected a finite number"):
+            check_w(bad, 3)
+    with pytest.raises(CfgExportError, match="got 2 values, expected 1 or one per image"):
+        check_w([1, 2], 3)
+
+
+@pytest.mark.parametrize("prediction", [Prediction.EPS, Prediction.X0, Prediction.V])
+def test_to_eps(prediction):
+    a = 0.37
+    x0, eps = rng.standard_normal((2, 3, 2, 4))
+    x = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
+    output = {Prediction.EPS: eps, Prediction.X0: x0, Prediction.V: math.sqrt(a) * eps - math.sqrt(1 - a) * x0}
+    np.testing.assert_allclose(to_eps(output[prediction], x, a, prediction), eps, atol=1e-12)
+
+
+def test_dynamic_threshold():
+    a = 0.5
+    x0 = np.stack([rng.uniform(-0.9, 0.9, (1, 8, 8)), rng.uniform(-5, 5, (1, 8, 8))])
+    eps = rng.standard_normal(x0.shape)
+    x = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
+    out = dynamic_threshold(eps, x, a, 0.995)
+    np.testing.assert_allclose(out[0], eps[0], atol=1e-12)  # |x0| <= 1: untouched
+    x0_new = (x - math.sqrt(1 - a) * out) / math.sqrt(a)
+    assert np.abs(x0_new[1]).max() <= 1 + 1e-12
+    s = np.quantile(np.abs(x0[1]), 0.995)
+    np.testing.assert_allclose(x0_new[1], np.clip(x0[1], -s, s) / s, atol=1e-12)
+
+
+class FakeBackend(Backend):
+    """eps = 0.1 * sample + cond (broadcast): a backend whose answer is easy to predict."""
+
+    name = "fake"
+
+    def __init__(self, manifest):
+        super().__init__(manifest)
+        self.feeds = []
+
+    def activate(self):
+        pass
+
+    def deactivate(self):
+        pass
+
+    def _infer(self, feeds):
+        self.feeds.append(feeds)
+        eps = 0.1 * feeds["sample"] + feeds["cond"].reshape(-1, 1, 1, 1)
+        if "w" in feeds:  # fused: the graph does the stacking with null class 10
+            w = feeds["w"].reshape(-1, 1, 1, 1)
+            eps = (1 + w) * eps - w * (0.1 * feeds["sample"] + 10)
+        return {"eps": eps.astype(np.float32)}
+
+
+def make_manifest(layout=Layout.STACKED, batch=None):
+    facts = ModelFacts(Condition("class", 10, 10), "eps", NoiseSchedule(), (1, 2, 2))
+    rows = "2N" if layout is Layout.STACKED else "N"
+    inputs = [TensorSpec("sample", (rows, 1, 2, 2), "float32"), TensorSpec("timestep", (rows,), "int64"),
+              TensorSpec("cond", (rows,), "int64")]
+    if layout is Layout.FUSED:
+        inputs.append(TensorSpec("w", (rows,), "float32"))
+    return Manifest(facts, layout, tuple(inputs), (TensorSpec("eps", (rows, 1, 2, 2), "float32"),), batch=batch)
+
+
+def run_denoiser(options, layout=Layout.STACKED, t=500, batch=None):
+    manifest = make_manifest(layout, batch)
+    backend = FakeBackend(manifest)
+    x = np.random.default_rng(1).standard_normal((3, 1, 2, 2))
+    cond = np.array([1, 2, 3])
+    with backend:
+        eps = GuidedDenoiser(backend, NoiseSchedule().alphas_cumprod(), 3, options)(x, t, cond)
+    return backend.feeds, eps, x, cond
+
+
+def test_stacked_feeds_and_mix():
+    feeds, eps, x, cond = run_denoiser(GuidanceOptions(w=2.0))
+    (f,) = feeds
+    np.testing.assert_array_equal(f["cond"], [1, 2, 3, 10, 10, 10])
+    np.testing.assert_array_equal(f["timestep"], [500] * 6)
+    np.testing.assert_array_equal(f["sample"][:3], f["sample"][3:])
+    eps_c = 0.1 * x.astype(np.float32) + cond.reshape(-1, 1, 1, 1)
+    eps_u = 0.1 * x.astype(np.float32) + 10
+    np.testing.assert_allclose(eps, 3 * eps_c - 2 * eps_u, rtol=1e-6)
+
+
+def test_fused_gives_the_same_eps():
+    _, stacked, _, _ = run_denoiser(GuidanceOptions(w=[0.5, 1, 4]))
+    feeds, fused, _, _ = run_denoiser(GuidanceOptions(w=[0.5, 1, 4]), layout=Layout.FUSED)
+    np.testing.assert_array_equal(feeds[0]["w"], np.float32([0.5, 1, 4]))
+    assert len(feeds[0]["sample"]) == 3
+    np.testing.assert_allclose(fused, stacked, rtol=1e-5)
+
+
+def test_negative_condition_fills_the_null_rows():
+    feeds, _, _, _ = run_denoiser(GuidanceOptions(w=1.0, negative=np.array([7, 7, 7])))
+    np.testing.assert_array_equal(feeds[0]["cond"], [1, 2, 3, 7, 7, 7])
+    with pytest.raises(CfgExportError, match="negative condition needs the stacked layout"):
+        run_denoiser(GuidanceOptions(w=1.0, negative=np.array([7, 7, 7])), layout=Layout.FUSED)
+
+
+def test_guidance_interval_runs_only_conditional_rows_outside():
+    ac = NoiseSchedule().alphas_cumprod()
+    sigma = np.sqrt((1 - ac) / ac)
+    options = GuidanceOptions(w=3.0, interval=(0.5, 2.0))
+    inside = int(np.argmin(np.abs(sigma - 1.0)))
+    outside = int(np.argmin(np.abs(sigma - 10.0)))
+    feeds, _, _, _ = run_denoiser(options, t=inside)
+    assert len(feeds[0]["sample"]) == 6
+    feeds, eps, x, cond = run_denoiser(options, t=outside)
+    assert len(feeds[0]["sample"]) == 3  # half the rows: the conditional ones
+    np.testing.assert_allclose(eps, 0.1 * x.astype(np.float32) + cond.reshape(-1, 1, 1, 1), rtol=1e-6)
+    feeds, eps, x, cond = run_denoiser(options, t=outside, batch=3)  # static graph: 2N rows, w = 0
+    assert len(feeds[0]["sample"]) == 6
+    np.testing.assert_allclose(eps, 0.1 * x.astype(np.float32) + cond.reshape(-1, 1, 1, 1), rtol=1e-6)
+
+
+def test_linear_w_schedule():
+    T = 1000
+    denoiser = GuidedDenoiser(FakeBackend(make_manifest()), NoiseSchedule().alphas_cumprod(), 2,
+                              GuidanceOptions(w=2.0, w_schedule="linear"))
+    np.testing.assert_allclose(denoiser.w_at(0), [4.0, 4.0])
+    np.testing.assert_allclose(denoiser.w_at(T // 2), [2.0, 2.0])
+    with pytest.raises(CfgExportError, match="w schedule: got 'cosine', expected one of constant, linear"):
+        GuidedDenoiser(FakeBackend(make_manifest()), NoiseSchedule().alphas_cumprod(), 2,
+                       GuidanceOptions(w=2.0, w_schedule="cosine"))
+
+
+def test_backend_validates_feeds():
+    backend = FakeBackend(make_manifest(batch=2))
+    feeds = {"sample": np.zeros((4, 1, 2, 2), np.float32), "timestep": np.zeros(4, np.int64),
+             "cond": np.zeros(4, np.int64)}
+    with pytest.raises(CfgExportError, match="not open"):
+        backend.infer(feeds)
+    backend.manifest = make_manifest()
+    with backend:
+        with pytest.raises(CfgExportError, match="input 'sample': got dtype float64, expected float32"):
+            backend.infer({**feeds, "sample": np.zeros((4, 1, 2, 2))})
+        with pytest.raises(CfgExportError, match=r"input 'cond': got shape \[3\], expected \['2N'\]"):
+            backend.infer({**feeds, "cond": np.zeros(3, np.int64)})
+        with pytest.raises(CfgExportError, match=r"inputs: got \['cond', 'sample'\]"):
+            backend.infer({"sample": feeds["sample"], "cond": feeds["cond"]})
+        backend.infer(feeds)
