@@ -1,0 +1,324 @@
+"""run_bench: per-step latency of guided sampling, our runtime side by side with what
+users would otherwise run.
+
+Modes, each a full DDIM loop timed step by step after warm-up:
+  stacked   one call on 2N rows [cond; null], the mix on the host (the default path)
+  two-pass  two calls on N rows, cond then null (the loop people write by hand)
+  unguided  N rows only (what steps outside a guidance interval cost)
+  fused     a --fuse-guidance artifact: N rows and w in, the mix inside the graph
+  torch     the same model in eager PyTorch in a diffusers-style loop (concatenate,
+            call, chunk, mix, scheduler step), when torch and the model are given
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from runtime.backends import BACKENDS, make_backend
+from runtime.conditions import load_null_embedding
+from runtime.errors import CfgExportError
+from runtime.guidance import GuidanceOptions, GuidedDenoiser, mix, to_eps
+from runtime.manifest import ConditionKind, Layout, Manifest
+from runtime.pipeline import open_artifact
+from runtime.samplers import sample_ddim
+from runtime.schedule import make_timesteps
+
+log = logging.getLogger(__name__)
+
+MODES = ("stacked", "two-pass", "unguided", "fused", "torch")
+DEFAULT_BATCHES = (1, 4, 16)
+DEFAULT_STEPS = 20  # timed steps per configuration
+DEFAULT_WARMUP = 3  # untimed steps before them
+W = 3.0
+
+
+@dataclass
+class BenchRow:
+    artifact: str
+    precision: str
+    backend: str
+    mode: str
+    n: int  # images
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    host_ms: float  # mean time per step outside the model call
+    host_share: float  # host_ms / mean step time
+    images_per_s: float  # n / (mean step time x 50 steps): images a 50-step sampling yields per second
+    peak_rss_mb: float  # high-water mark of the process after this row
+
+
+@dataclass
+class BenchResult:
+    rows: list[BenchRow] = field(default_factory=list)
+    machine: dict = field(default_factory=dict)
+    ratios: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "rows": [asdict(r) for r in self.rows], "ratios": self.ratios}
+
+
+def parse_batches(text: str) -> list[int]:
+    """Returns image counts from '1,4,16'; raises CfgExportError for anything else."""
+    try:
+        batches = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        batches = []
+    if not batches or any(b < 1 for b in batches):
+        raise CfgExportError(f"--batch: got {text!r}, expected image counts separated by commas, like 1,4,16")
+    return batches
+
+
+def machine_facts() -> dict:
+    """Returns CPU, cores, GPU (when nvidia-smi answers) and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True)
+        gpu = proc.stdout.strip() or None if proc.returncode == 0 else None
+    versions = {}
+    for package in ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "torch", "diffusers"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(), **versions}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TwoPassDenoiser(GuidedDenoiser):
+    """The hand-written loop: the conditional rows, then the null rows, in two calls."""
+
+    def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
+        x32 = x.astype(np.float32)
+        timestep = np.full(len(x), t, dtype=self.manifest.facts.timestep_dtype)
+        eps_c = self._run({"sample": x32, "timestep": timestep, "cond": cond})
+        eps_u = self._run({"sample": x32, "timestep": timestep, "cond": np.ascontiguousarray(self.null)})
+        return to_eps(mix(eps_c, eps_u, self.w_at(t)), x, float(self.alphas_cumprod[t]),
+                      self.manifest.facts.prediction)
+
+
+def _conditions(manifest: Manifest, n: int, rng: np.random.Generator) -> np.ndarray:
+    cond = manifest.facts.condition
+    if cond.kind is ConditionKind.CLASS:
+        return (np.arange(n) % cond.num_classes).astype(np.int64)
+    return rng.standard_normal((n, *cond.shape)).astype(np.float32)
+
+
+def _timed_loop(denoise: Callable, x: np.ndarray, cond, alphas_cumprod: np.ndarray, steps: int,
+                warmup: int, model_seconds: Callable[[], float]) -> tuple[list[float], list[float]]:
+    """Runs DDIM over warmup + steps timesteps; returns per-step wall and model seconds
+    for the timed steps."""
+    timesteps = make_timesteps(len(alphas_cumprod), warmup + steps, "trailing")
+    walls, models = [], []
+    last, last_model = time.perf_counter(), model_seconds()
+
+    def on_step(i, t, x_t):
+        nonlocal last, last_model
+        now, now_model = time.perf_counter(), model_seconds()
+        if i >= warmup:
+            walls.append(now - last)
+            models.append(now_model - last_model)
+        last, last_model = time.perf_counter(), model_seconds()
+
+    sample_ddim(denoise, x, cond, alphas_cumprod, timesteps, np.random.default_rng(0), on_step)
+    return walls, models
+
+
+def _row(artifact, precision, backend, mode, n, walls, models) -> BenchRow:
+    ms = np.asarray(walls) * 1e3
+    mean = float(ms.mean())
+    host = mean - 1e3 * float(np.mean(models))
+    return BenchRow(artifact=str(artifact), precision=precision, backend=backend, mode=mode, n=n,
+                    p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
+                    p99_ms=float(np.percentile(ms, 99)), host_ms=host, host_share=host / mean,
+                    images_per_s=n / (mean * 1e-3 * 50), peak_rss_mb=_peak_rss_mb())
+
+
+def _bench_artifact(directory: Path, manifest: Manifest, backend_name: str, batches, steps, warmup, modes):
+    ac = manifest.facts.schedule.alphas_cumprod()
+    null_embedding = None
+    if manifest.facts.condition.kind is ConditionKind.EMBEDDING and manifest.layout is Layout.STACKED:
+        null_embedding = load_null_embedding(manifest, directory)
+    if manifest.layout is Layout.FUSED:
+        wanted = ["fused"]
+    elif manifest.batch is None:
+        wanted = ["stacked", "two-pass", "unguided"]
+    else:
+        wanted = ["stacked"]  # a static 2N graph cannot take N rows
+    with make_backend(backend_name, manifest, directory) as backend:
+        for n in batches:
+            if manifest.batch is not None and n != manifest.batch:
+                raise CfgExportError(f"{directory} is a static graph for N={manifest.batch} images; "
+                                     f"--batch asks for {n}: bench N={manifest.batch}, or re-export without --batch")
+            rng = np.random.default_rng(n)
+            x = rng.standard_normal((n, *manifest.facts.sample_shape))
+            cond = _conditions(manifest, n, rng)
+            for mode in wanted:
+                if mode not in modes:
+                    continue
+                options = GuidanceOptions(w=W, interval=(0.0, 0.0) if mode == "unguided" else None)
+                kind = TwoPassDenoiser if mode == "two-pass" else GuidedDenoiser
+                denoise = kind(backend, ac, n, options, null_embedding=null_embedding)
+                walls, models = _timed_loop(denoise, x, cond, ac, steps, warmup, lambda: denoise.model_seconds)
+                yield _row(directory, manifest.precision, backend.name, mode, n, walls, models)
+
+
+def _bench_torch(model: str, manifest: Manifest, batches, steps, warmup):
+    """The diffusers-style eager loop users write: cat, call, chunk, mix, scheduler step."""
+    from cfg_export.loading import load_model
+    from runtime.errors import require
+
+    torch = require("torch", "export")
+    loaded = load_model(model)
+    facts = loaded.facts
+    if facts.condition.kind is not ConditionKind.CLASS:
+        raise CfgExportError("the PyTorch baseline supports class-conditional models")
+    ac = torch.from_numpy(facts.schedule.alphas_cumprod())
+    timesteps = make_timesteps(len(ac), warmup + steps, "trailing")
+    for n in batches:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, *facts.sample_shape, generator=g, dtype=torch.float32)
+        labels = torch.arange(n) % facts.condition.num_classes
+        cond = torch.cat([labels, torch.full((n,), facts.condition.null)])
+        walls, models = [], []
+        with torch.inference_mode():
+            for i, t in enumerate(timesteps):
+                start = time.perf_counter()
+                latent = torch.cat([x, x])
+                t_in = torch.full((2 * n,), int(t), dtype=getattr(torch, facts.timestep_dtype))
+                call = time.perf_counter()
+                eps = loaded.module(latent, t_in, cond)
+                model_s = time.perf_counter() - call
+                eps_c, eps_u = eps[:, : facts.sample_shape[0]].chunk(2)
+                eps = eps_u + (1 + W) * (eps_c - eps_u)  # diffusers' guidance_scale = 1 + w
+                a_t = ac[t]
+                a_prev = ac[timesteps[i + 1]] if i + 1 < len(timesteps) else torch.tensor(1.0, dtype=ac.dtype)
+                x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+                x = (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).float()
+                if i >= warmup:
+                    walls.append(time.perf_counter() - start)
+                    models.append(model_s)
+        yield _row(model, "fp32", f"torch-eager-{torch.__version__}", "torch", n, walls, models)
+
+
+def _ratios(rows: Sequence[BenchRow]) -> list[str]:
+    lines = []
+    by_key = {(r.mode, r.n, r.backend, r.precision): r for r in rows}
+    for r in rows:
+        if r.mode != "stacked":
+            continue
+        for other in ("two-pass", "unguided", "fused"):
+            o = by_key.get((other, r.n, r.backend, r.precision))
+            if o:
+                lines.append(f"N={r.n} {r.backend} {r.precision}: {other} / stacked step time = {o.p50_ms / r.p50_ms:.2f}")
+        for o in rows:
+            if o.mode == "torch" and o.n == r.n and r.precision == "fp32":
+                lines.append(f"N={r.n} {r.backend}: PyTorch eager loop / ours = {o.p50_ms / r.p50_ms:.2f}x")
+    return lines
+
+
+def run_bench(directories: Sequence[str | Path], batches: Sequence[int] | None = None, *,
+              backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
+              modes: Sequence[str] | None = None, steps: int | None = None, warmup: int | None = None,
+              torch_model: str | None = None, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Returns per-step latencies (p50/p90/p99), host share, images/s and peak memory for each
+    artifact (its precision), backend, image count N and mode, plus the ratios between modes."""
+    batches = list(DEFAULT_BATCHES if batches is None else batches)
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    warmup = DEFAULT_WARMUP if warmup is None else int(warmup)
+    if steps < 2 or warmup < 0:
+        raise CfgExportError(f"steps: got {steps} timed and {warmup} warm-up, expected >= 2 and >= 0")
+    modes = list(MODES if modes is None else modes)
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise CfgExportError(f"mode: got {bad[0]!r}, expected one of {', '.join(MODES)}")
+    from runtime.backends.onnxrt import cuda_available
+
+    available = ["onnxruntime-cpu"] + (["onnxruntime-cuda"] if cuda_available() else [])
+    backends = list(backends or available)
+    for name in backends:
+        if name not in BACKENDS or name == "auto":
+            raise CfgExportError(f"backend: got {name!r}, expected one of {', '.join(b for b in BACKENDS if b != 'auto')}"
+                                 f" (available here: {', '.join(available)})")
+    artifacts = [(Path(d), open_artifact(d)) for d in directories]
+    have = sorted({m.precision for _, m in artifacts})
+    for p in precisions or []:
+        if p not in have:
+            raise CfgExportError(f"precision: got {p!r}; the artifacts given have {', '.join(have)} "
+                                 "(add an artifact folder of that precision, e.g. one made by cfg-export quantize)")
+    result = BenchResult(machine=machine_facts())
+    for directory, manifest in artifacts:
+        if precisions and manifest.precision not in precisions:
+            continue
+        for backend in backends:
+            for row in _bench_artifact(directory, manifest, backend, batches, steps, warmup, modes):
+                result.rows.append(row)
+                if progress:
+                    progress(f"{row.mode} N={row.n} {row.backend} {row.precision}: p50 {row.p50_ms:.2f} ms")
+    if torch_model is not None and "torch" in modes:
+        for row in _bench_torch(torch_model, artifacts[0][1], batches, steps, warmup):
+            result.rows.append(row)
+            if progress:
+                progress(f"torch N={row.n}: p50 {row.p50_ms:.2f} ms")
+    result.ratios = _ratios(result.rows)
+    return result
+
+
+def format_table(result: BenchResult) -> str:
+    """Returns the rows as a fixed-width text table, the machine facts and the ratios."""
+    head = f"{'mode':<9} {'N':>4} {'backend':<22} {'prec':<9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} " \
+           f"{'host %':>7} {'img/s':>8} {'RSS MB':>7}"
+    lines = [" ".join(f"{k}={v}" for k, v in result.machine.items() if v is not None), head, "-" * len(head)]
+    for r in result.rows:
+        lines.append(f"{r.mode:<9} {r.n:>4} {r.backend:<22} {r.precision:<9} {r.p50_ms:>8.2f} {r.p90_ms:>8.2f} "
+                     f"{r.p99_ms:>8.2f} {100 * r.host_share:>6.1f}% {r.images_per_s:>8.1f} {r.peak_rss_mb:>7.0f}")
+    return "\n".join(lines + [""] + result.ratios)
+
+
+def plot_bench(result: BenchResult, path: str | Path) -> Path:
+    """Writes a PNG: p50 step time against N, one line per mode/backend/precision."""
+    from cfg_export.evaluate import _pyplot
+    from runtime.files import staged_file
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    series = {}
+    for r in result.rows:
+        series.setdefault(f"{r.mode} {r.backend} {r.precision}", []).append((r.n, r.p50_ms))
+    for label, points in series.items():
+        ax.plot(*zip(*sorted(points)), "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("images N")
+    ax.set_ylabel("p50 step time (ms)")
+    ax.set_title("Guided sampling step time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
