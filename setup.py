@@ -8,8 +8,10 @@ EXTRAS = {
     "onnxruntime-gpu": ["onnxruntime-gpu>=1.17"],
     "tensorrt": ["tensorrt>=10", "cuda-python>=12"],
     "progress": ["tqdm"],
+    "plot": ["matplotlib"],
+    "diffusers": ["diffusers>=0.30", "safetensors>=0.4"],  # export from diffusers model folders
     "examples": ["scikit-learn>=1.3"],
-    "dev": ["pytest>=7", "diffusers>=0.30", "scikit-learn>=1.3", "tqdm"],
+    "dev": ["pytest>=7", "diffusers>=0.30", "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm"],
 }
 
 setup(

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -79,16 +78,27 @@ def example_inputs(manifest: Manifest, batch: int, seed: int = 0) -> dict:
     return feeds
 
 
+def _null_embedding(loaded: LoadedModel, source_dir: Path | None):
+    """Returns the null embedding [L, D] float32 of an embedding condition (None for class
+    labels): the one the loader read, or condition.null_file in the model folder."""
+    import numpy as np
+
+    cond = loaded.facts.condition
+    if cond.kind is ConditionKind.CLASS:
+        return None
+    if loaded.null_embedding is not None:
+        return np.asarray(loaded.null_embedding, dtype=np.float32)
+    if cond.null_file is None or source_dir is None:
+        raise CfgExportError("an embedding condition needs a null embedding file (condition.null_file)")
+    return np.load(source_dir / cond.null_file).astype(np.float32)
+
+
 def _null_tensor(loaded: LoadedModel, source_dir: Path | None):
     torch = require("torch", "export")
     cond = loaded.facts.condition
     if cond.kind is ConditionKind.CLASS:
         return torch.tensor(cond.null, dtype=torch.int64)
-    import numpy as np
-
-    if cond.null_file is None or source_dir is None:
-        raise CfgExportError("an embedding condition needs a null embedding file (condition.null_file)")
-    return torch.from_numpy(np.load(source_dir / cond.null_file).astype(np.float32))
+    return torch.from_numpy(_null_embedding(loaded, source_dir))
 
 
 def _export_graph(wrapper, manifest: Manifest, path: Path, opset: int, example: dict) -> None:
@@ -156,7 +166,8 @@ def check_export(wrapper, manifest: Manifest, path: Path, batches=CHECK_BATCHES)
 
 def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = None,
                 batch: int | None = None, opset: int | None = None, check: bool = True,
-                tolerance: float | None = None, overwrite: bool = False) -> ExportResult:
+                tolerance: float | None = None, overwrite: bool = False, null_class: int | None = None,
+                null_embedding: str | Path | None = None) -> ExportResult:
     """Returns what was written: `out_dir/model.onnx` and `out_dir/manifest.json` for MODEL
     (a model folder or 'module:factory').
 
@@ -165,6 +176,8 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
     batch: images N of a static graph; None for a dynamic batch. Unless check is False,
     the model is validated by onnx.checker and ONNX Runtime against PyTorch, and a
     relative error above `tolerance` raises CfgExportError (nothing is written then).
+    null_class, null_embedding (a .npy [L, D]): the null condition of a diffusers model
+    folder (see cfg_export.diffusers_models); the null embedding is stored in the artifact.
     """
     layout = parse_enum(Layout, layout or Layout.STACKED, "layout")
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -175,7 +188,7 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
     from cfg_export import wrappers
 
     start = time.perf_counter()
-    loaded = load_model(model)
+    loaded = load_model(model, null_class=null_class, null_embedding=null_embedding)
     wrappers.check_signature(loaded.module)
     inputs, outputs = _tensor_specs(loaded, layout, batch)
     versions = {"cfg_export": __version__, "torch": torch.__version__, "onnx": require("onnx", "export").__version__}
@@ -190,14 +203,17 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
         wrapper = wrappers.StackedDenoiser(loaded.module, loaded.facts).eval()
     else:
         wrapper = wrappers.FusedGuidance(loaded.module, loaded.facts, _null_tensor(loaded, source_dir)).eval()
-    result = ExportResult(Path(out_dir), manifest, 0.0, notes=[note] if note else [])
+    result = ExportResult(Path(out_dir), manifest, 0.0, notes=[*loaded.notes, *([note] if note else [])])
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
         path = tmp / manifest.model_file
         log.info("exporting %s (%s layout, opset %d) to %s", model, layout.value, opset, out_dir)
         _export_graph(wrapper, manifest, path, opset, example_inputs(manifest, batch or 2))
         _write_metadata(path, manifest)
-        if loaded.facts.condition.null_file and source_dir is not None:
-            shutil.copyfile(source_dir / loaded.facts.condition.null_file, tmp / loaded.facts.condition.null_file)
+        if loaded.facts.condition.null_file:
+            import numpy as np
+
+            with open(tmp / loaded.facts.condition.null_file, "wb") as f:
+                np.save(f, _null_embedding(loaded, source_dir))
         if check:
             result.checks = check_export(wrapper, manifest, path)
             worst = max(c.max_rel for c in result.checks)

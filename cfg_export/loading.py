@@ -7,7 +7,7 @@ import importlib
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class LoadedModel:
     module: Any  # torch.nn.Module, in eval mode
     facts: ModelFacts
     source: str  # what the user named, for the manifest
+    null_embedding: Any = None  # numpy [L, D] float32: an embedding condition's null, when not in the source folder
+    notes: list = field(default_factory=list)  # facts the user should know (assumed defaults), for the CLI
 
 
 @contextlib.contextmanager
@@ -115,12 +117,22 @@ def _load_folder(folder: Path) -> LoadedModel:
     return LoadedModel(module.eval(), facts, str(folder))
 
 
-def load_model(model: str) -> LoadedModel:
+def load_model(model: str, null_class: int | None = None, null_embedding: str | Path | None = None) -> LoadedModel:
     """Returns the module and guidance facts of MODEL: a model folder (config.json naming
-    a 'module:factory', its args, the weights and the guidance facts), or a
-    'module:factory' string whose factory returns (module, guidance facts dict)."""
+    a 'module:factory', its args, the weights and the guidance facts), a folder saved by
+    diffusers (see cfg_export.diffusers_models, which takes null_class and
+    null_embedding), or a 'module:factory' string whose factory returns (module,
+    guidance facts dict)."""
     require("torch", "export")
     path = Path(model)
+    if path.is_dir():
+        from cfg_export import diffusers_models
+
+        if diffusers_models.is_diffusers_folder(path):
+            return diffusers_models.load_diffusers(path, null_class, null_embedding)
+    if null_class is not None or null_embedding is not None:
+        raise CfgExportError("--null-class and --null-embedding apply to diffusers model folders; this model "
+                             "states its null condition in its guidance facts (condition.null, condition.null_file)")
     if path.is_dir():
         return _load_folder(path)
     if path.exists():

@@ -78,7 +78,7 @@ class GuidanceOptions:
     w: float | np.ndarray = 0.0  # one number or [N]
     w_schedule: WSchedule | str = WSchedule.CONSTANT
     interval: tuple[float, float] | None = None  # guide only where sigma_t is in [lo, hi]
-    negative: np.ndarray | None = None  # [N] labels for the null rows instead of the null class
+    negative: np.ndarray | None = None  # [N] labels or [N, L, D] embeddings for the null rows instead of the null
     threshold: float | None = None  # dynamic thresholding percentile, e.g. 0.995
 
 
@@ -89,10 +89,12 @@ class GuidedDenoiser:
     Steps outside the guidance interval run only the N conditional rows (when the graph
     has a dynamic batch). Fused layout: the graph does the stacking and the mix.
     `record`, if given, receives every feed dict the backend sees (for calibration).
+    Embedding conditions: the null rows hold `null_embedding` [L, D] (the artifact's,
+    see runtime.conditions.load_null_embedding) for every image, or options.negative.
     """
 
     def __init__(self, backend: Backend, alphas_cumprod: np.ndarray, n: int, options: GuidanceOptions,
-                 record: Callable[[dict], None] | None = None):
+                 record: Callable[[dict], None] | None = None, null_embedding: np.ndarray | None = None):
         self.backend = backend
         self.manifest: Manifest = backend.manifest
         self.alphas_cumprod = alphas_cumprod
@@ -108,10 +110,16 @@ class GuidedDenoiser:
                                  "condition inside); re-export without --fuse-guidance")
         if facts.condition.kind is ConditionKind.CLASS:
             self.null = np.full(n, facts.condition.null, dtype=np.int64)
+        elif null_embedding is not None:
+            null_embedding = np.asarray(null_embedding, dtype=np.float32)
+            self.null = np.broadcast_to(null_embedding, (n, *null_embedding.shape))
         else:
-            self.null = None  # embeddings arrive in a later release
+            self.null = None  # the fused graph holds it; the stacked layout needs null_embedding or a negative
         if options.negative is not None:
             self.null = np.asarray(options.negative)
+        if self.null is None and self.manifest.layout is Layout.STACKED:
+            raise CfgExportError("an embedding condition needs its null embedding [L, D] for the null rows "
+                                 "(the artifact's condition.null_file) or a negative embedding")
         if options.interval is not None:
             lo, hi = options.interval
             if not (0 <= lo <= hi):

@@ -18,7 +18,8 @@ def check_drawable(sample_shape: tuple[int, ...]) -> None:
     """Raises CfgExportError unless one sample [C, H, W] with C = 1 or 3 can be drawn."""
     if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
         raise CfgExportError(f"cannot draw samples of shape {list(sample_shape)} as images "
-                             "(expected [1 or 3, H, W]); write them with --npy")
+                             "(expected [1 or 3, H, W]); write them with --npy (latents of DiT or Stable "
+                             "Diffusion: decode them with the model's VAE)")
 
 
 def save_grid(samples: np.ndarray, rows: int, path: str | Path, min_cell: int = 64) -> Path:

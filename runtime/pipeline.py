@@ -11,9 +11,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from runtime.backends import make_backend
+from runtime.conditions import check_embeddings, load_null_embedding, rows_for
 from runtime.errors import CfgExportError
 from runtime.guidance import GuidanceOptions, GuidedDenoiser
-from runtime.manifest import ConditionKind, Manifest, read_manifest, verify_model_file
+from runtime.manifest import ConditionKind, Layout, Manifest, read_manifest, verify_model_file
 from runtime.samplers import get_sampler
 from runtime.schedule import make_timesteps
 
@@ -27,7 +28,7 @@ DEFAULT_SPACING = "leading"
 @dataclass
 class SampleResult:
     samples: np.ndarray  # [N, *S] float32, the final x_0
-    labels: np.ndarray  # [N] the condition of each image
+    cond: np.ndarray  # the condition of each image: labels [N] or embeddings [N, L, D]
     timesteps: np.ndarray  # [steps] the training timesteps visited
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
     model_seconds: float = 0.0  # total time inside the backend
@@ -40,9 +41,12 @@ class SampleResult:
         return (total - self.model_seconds) / total if total > 0 else 0.0
 
 
-def open_artifact(directory: str | Path) -> Manifest:
-    """Returns the manifest of an artifact folder after checking the model file's sha256."""
-    manifest = read_manifest(directory)
+def open_artifact(directory: str | Path, backend: str | None = None) -> Manifest:
+    """Returns the manifest of an artifact folder after checking the model file's sha256
+    (engine.json for the tensorrt backend or a folder holding only an engine)."""
+    from runtime.engine import read_artifact_manifest
+
+    manifest = read_artifact_manifest(directory, backend)
     verify_model_file(manifest, directory)
     return manifest
 
@@ -60,6 +64,16 @@ def check_labels(labels: Sequence[int], manifest: Manifest, what: str = "class")
     return arr
 
 
+def check_cond(cond, manifest: Manifest, what: str = "cond") -> np.ndarray:
+    """Returns the condition of each image: int64 labels [N] for a class-conditional
+    model, float32 embeddings [N, L, D] (one [L, D] is one image) for an embedding model."""
+    if manifest.facts.condition.kind is ConditionKind.EMBEDDING:
+        return check_embeddings(cond, manifest, what)
+    if np.ndim(cond) > 1:
+        raise CfgExportError(f"{what}: got shape {list(np.shape(cond))}; this model takes class labels [N]")
+    return check_labels(cond, manifest, "class" if what == "cond" else what)
+
+
 def make_noise(manifest: Manifest, n: int, rng: np.random.Generator, noise: np.ndarray | None) -> np.ndarray:
     """Returns x_T [N, *S] float64: given noise (checked) or standard normal from rng."""
     shape = (n, *manifest.facts.sample_shape)
@@ -73,26 +87,36 @@ def make_noise(manifest: Manifest, n: int, rng: np.random.Generator, noise: np.n
     return noise.astype(np.float64)
 
 
-def sample_guided(directory: str | Path, labels: Sequence[int], w: float | Sequence[float] = 0.0, *,
+def sample_guided(directory: str | Path, cond: Sequence[int] | np.ndarray, w: float | Sequence[float] = 0.0, *,
                   steps: int | None = None, sampler: str | None = None, spacing: str | None = None,
                   seed: int = 0, noise: np.ndarray | None = None, eta: float | None = None,
                   guidance: GuidanceOptions | None = None, backend: str | None = None,
                   callback: Callable[[int, int, np.ndarray], None] | None = None,
                   record: Callable[[dict], None] | None = None) -> SampleResult:
-    """Returns N guided samples [N, *S] float32 of the artifact in `directory`, one per label.
+    """Returns N guided samples [N, *S] float32 of the artifact in `directory`, one per
+    condition: class labels [N], or embeddings [N, L, D] float32 (one [L, D] is one image).
+    Latent models (DiT, Stable Diffusion UNets) give latents: decoding is the VAE's job.
 
     w: the guidance weight (paper's convention), one number or [N]. guidance: the other
     guidance options (w schedule, interval, negative condition, thresholding); its w
-    is replaced by `w`. The same seed on the same backend gives the same samples.
+    is replaced by `w`. A negative condition is a label (or [N]) or an embedding
+    [L, D] (or [N, L, D]); it takes the null rows' place.
+    The same seed on the same backend gives the same samples.
     """
-    manifest = open_artifact(directory)
-    labels = check_labels(labels, manifest)
-    n = len(labels)
+    manifest = open_artifact(directory, backend)
+    cond = check_cond(cond, manifest)
+    n = len(cond)
     if n < 1:
-        raise CfgExportError("no images asked for: give at least one class label")
+        raise CfgExportError("no images asked for: give at least one condition")
     options = GuidanceOptions(**{**(guidance.__dict__ if guidance else {}), "w": w})
-    if options.negative is not None:
+    embedding = manifest.facts.condition.kind is ConditionKind.EMBEDDING
+    if options.negative is not None and embedding:
+        options.negative = rows_for(check_embeddings(options.negative, manifest, "negative"), n, "negative")
+    elif options.negative is not None:
         options.negative = check_labels(np.broadcast_to(options.negative, (n,)), manifest, "negative class")
+    null_embedding = None
+    if embedding and options.negative is None and manifest.layout is Layout.STACKED:
+        null_embedding = load_null_embedding(manifest, directory)
     if manifest.batch is not None and n != manifest.batch:
         raise CfgExportError(f"the graph is static for N={manifest.batch} images; got {n}: sample "
                              f"{manifest.batch} images, or re-export without --batch")
@@ -107,9 +131,9 @@ def sample_guided(directory: str | Path, labels: Sequence[int], w: float | Seque
                                spacing or DEFAULT_SPACING)
     rng = np.random.default_rng(seed)
     x = make_noise(manifest, n, rng, noise)
-    result = SampleResult(np.empty(0), labels, timesteps)
+    result = SampleResult(np.empty(0), cond, timesteps)
     with make_backend(backend, manifest, directory) as runner:
-        denoise = GuidedDenoiser(runner, alphas_cumprod, n, options, record=record)
+        denoise = GuidedDenoiser(runner, alphas_cumprod, n, options, record=record, null_embedding=null_embedding)
         last = time.perf_counter()
 
         def on_step(i: int, t: int, x_t: np.ndarray) -> None:
@@ -120,7 +144,7 @@ def sample_guided(directory: str | Path, labels: Sequence[int], w: float | Seque
             if callback is not None:
                 callback(i, t, x_t)
 
-        result.samples = sample_fn(denoise, x, labels, alphas_cumprod, timesteps, rng, on_step, **extra)
+        result.samples = sample_fn(denoise, x, cond, alphas_cumprod, timesteps, rng, on_step, **extra)
         result.model_seconds = denoise.model_seconds
         result.backend = runner.name
     return result
