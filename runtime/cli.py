@@ -31,6 +31,9 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
+MAX_DEFAULT_CLASSES = 32  # without --classes, one grid row per class up to this many
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="torch-free classifier-free-guidance sampling")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,7 +127,13 @@ def _conditions(args, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None
     else:
         if args.cond is not None:
             raise CfgExportError("--cond: this model takes class labels; use --classes")
-        classes = args.classes if args.classes is not None else list(range(manifest.facts.condition.num_classes or 0))
+        classes = args.classes
+        if classes is None:
+            num_classes = manifest.facts.condition.num_classes
+            if num_classes > MAX_DEFAULT_CLASSES:
+                raise CfgExportError(f"this model has {num_classes} classes: pick the grid rows with --classes, "
+                                     "e.g. --classes 207,360,387")
+            classes = list(range(num_classes))
         conds = np.asarray(classes, dtype=np.int64)
         if args.negative is not None:
             try:

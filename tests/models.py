@@ -71,3 +71,8 @@ def unsupported_op():
 
 def only_module():
     return TinyConv()
+
+
+def many_classes():
+    torch.manual_seed(0)
+    return TinyConv(num_classes=40), facts([2, 6, 6], num_classes=40)

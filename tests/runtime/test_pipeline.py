@@ -157,3 +157,13 @@ def test_cli_bad_input(tiny_artifacts, tmp_path, args, message):
     out = [] if not args else ["--npy", tmp_path / "x.npy"]
     proc = run_runtime(tiny_artifacts / "stacked", *args, *out)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+
+
+def test_cli_asks_for_classes_when_there_are_many(tmp_path):
+    from cfg_export.export import export_onnx
+
+    export_onnx("tests.models:many_classes", tmp_path / "a", check=False)
+    proc = run_runtime(tmp_path / "a", "--steps", "2", "--npy", tmp_path / "x.npy")
+    assert proc.returncode == 1 and "this model has 40 classes: pick the grid rows with --classes" in proc.stderr
+    proc = run_runtime(tmp_path / "a", "--steps", "2", "--classes", "39", "--n", "1", "--npy", tmp_path / "x.npy")
+    assert proc.returncode == 0, proc.stderr
