@@ -9,16 +9,35 @@ from runtime.backends.base import Backend
 from runtime.errors import CfgExportError
 from runtime.manifest import Manifest
 
-BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda")
+BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
 
 
 def make_backend(name: str | None, manifest: Manifest, directory: str | Path) -> Backend:
     """Returns an unopened backend for the artifact's model file; name None means 'auto'
-    (onnxruntime-cuda when onnxruntime-gpu sees a GPU, else onnxruntime-cpu)."""
+    (tensorrt in a folder holding only an engine, else onnxruntime-cuda when onnxruntime-gpu
+    sees a GPU, else onnxruntime-cpu). 'tensorrt' runs model.engine of engine.json (read here
+    if `manifest` is the ONNX one)."""
     name = name or "auto"
     if name not in BACKENDS:
         raise CfgExportError(f"backend: got {name!r}, expected one of {', '.join(BACKENDS)}")
+    from runtime.engine import engine_only, read_engine_manifest
+
+    if name == "tensorrt" or (name == "auto" and engine_only(directory)):
+        from runtime.backends.trt import TensorRTBackend
+        from runtime.manifest import verify_model_file
+
+        if manifest.engine is None:
+            manifest = read_engine_manifest(directory)
+        return TensorRTBackend(verify_model_file(manifest, directory), manifest)
+    if manifest.engine is not None:
+        raise CfgExportError(f"backend {name}: {directory} holds a TensorRT engine, not an ONNX model; "
+                             f"use --backend tensorrt, or point at the folder made by cfg-export onnx")
     from runtime.backends.onnxrt import OnnxRuntimeBackend, cuda_available
+
+    if name == "onnxruntime-tensorrt":
+        from runtime.backends.onnxrt_trt import OnnxRuntimeTensorRTBackend
+
+        return OnnxRuntimeTensorRTBackend(Path(directory) / manifest.model_file, manifest)
 
     if name == "auto":
         name = "onnxruntime-cuda" if cuda_available() else "onnxruntime-cpu"

@@ -52,13 +52,7 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
-        if self.device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise CfgExportError("onnxruntime-cuda backend: this onnxruntime has no CUDA provider; "
-                                     "pip install 'cfg-export[onnxruntime-gpu]' (without onnxruntime), or use onnxruntime-cpu")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
+        providers = self.providers(ort)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -71,6 +65,15 @@ class OnnxRuntimeBackend(Backend):
             raise CfgExportError(f"{self.path} does not match its manifest: {'; '.join(diffs)}")
         if self.device == "cuda":
             self._binding = self.session.io_binding()
+
+    def providers(self, ort) -> list:
+        """The execution providers of the session, first choice first."""
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise CfgExportError("onnxruntime-cuda backend: this onnxruntime has no CUDA provider; "
+                                     "pip install 'cfg-export[onnxruntime-gpu]' (without onnxruntime), or use onnxruntime-cpu")
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
 
     def deactivate(self) -> None:
         self.session = None

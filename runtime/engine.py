@@ -1,0 +1,145 @@
+"""Engines (TensorRT plans) in an artifact: their file names, and the optimization
+profiles' arithmetic, shared by the builder and the runtime backend.
+
+An engine lives beside the ONNX model as `model.engine`, described by `engine.json`:
+a manifest of the same schema whose `engine` block holds the TensorRT facts (version,
+GPU, compute capability, profiles, precision route, sha256 of the source ONNX).
+
+Profiles are given in images N. The stacked layout runs 2N rows per call ([cond; null]),
+the fused one N rows; an optional second profile covers the N-row calls of the steps
+outside a guidance interval, which run only the conditional rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import CfgExportError
+from runtime.manifest import MANIFEST_NAME, Layout, Manifest, TensorSpec, read_manifest
+
+ENGINE_FILE = "model.engine"
+ENGINE_MANIFEST = "engine.json"
+
+DEFAULT_MIN_BATCH = 1  # images N
+DEFAULT_OPT_BATCH = 4
+DEFAULT_MAX_BATCH = 16
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: rows of the batch axis (min, opt, max), and every input's
+    shape at each of the three."""
+
+    rows: tuple[int, int, int]
+    shapes: dict[str, tuple[Shape, Shape, Shape]]
+
+    def covers(self, rows: int) -> bool:
+        return self.rows[0] <= rows <= self.rows[2]
+
+    def to_dict(self) -> dict:
+        return {"rows": list(self.rows),
+                "shapes": {name: [list(s) for s in triple] for name, triple in self.shapes.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        return cls(tuple(d["rows"]), {name: tuple(tuple(s) for s in triple) for name, triple in d["shapes"].items()})
+
+
+def input_shape(spec: TensorSpec, rows: int) -> Shape:
+    """Returns the concrete shape of an input at `rows` rows: named sizes ('2N', 'N') become rows."""
+    return tuple(rows if isinstance(size, str) else int(size) for size in spec.shape)
+
+
+def _profile(manifest: Manifest, rows: tuple[int, int, int]) -> Profile:
+    return Profile(rows, {spec.name: tuple(input_shape(spec, r) for r in rows) for spec in manifest.inputs})
+
+
+def resolve_batches(min_batch: int | None = None, opt_batch: int | None = None,
+                    max_batch: int | None = None) -> tuple[int, int, int]:
+    """Returns images (min, opt, max) with the defaults filled in around what was given
+    (opt 4 and max 16 unless that contradicts a given value); raises CfgExportError unless
+    1 <= min <= opt <= max."""
+    for flag, value in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+        if value is not None and int(value) < 1:
+            raise CfgExportError(f"{flag}: got {value}, expected images N >= 1")
+    lo = DEFAULT_MIN_BATCH if min_batch is None else int(min_batch)
+    hi = max(DEFAULT_MAX_BATCH, lo, opt_batch or 0) if max_batch is None else int(max_batch)
+    opt = min(max(DEFAULT_OPT_BATCH, lo), hi) if opt_batch is None else int(opt_batch)
+    if not lo <= opt <= hi:
+        raise CfgExportError(f"profile: got --min-batch {lo}, --opt-batch {opt}, --max-batch {hi} (images N); "
+                             f"expected min <= opt <= max")
+    return lo, opt, hi
+
+
+def make_profiles(manifest: Manifest, min_batch: int | None = None, opt_batch: int | None = None,
+                  max_batch: int | None = None, interval: bool = False) -> list[Profile]:
+    """Returns the optimization profiles for images N in [min, opt, max]: rows 2N for the
+    stacked layout, N for the fused one, and with `interval` a second profile of N rows for
+    the unguided steps of a guidance interval. A static graph (exported with --batch) has
+    fixed shapes and needs none: it returns [] and refuses batch options."""
+    if manifest.batch is not None:
+        given = [f for f, v in (("--min-batch", min_batch), ("--opt-batch", opt_batch),
+                                ("--max-batch", max_batch)) if v is not None]
+        if given or interval:
+            what = ", ".join(given + (["--interval-profile"] if interval else []))
+            raise CfgExportError(f"{what}: the graph is static for N={manifest.batch} images, so the engine has "
+                                 f"no profiles; drop {what}, or re-export without --batch")
+        return []
+    images = resolve_batches(min_batch, opt_batch, max_batch)
+    k = manifest.rows_per_image
+    profiles = [_profile(manifest, tuple(k * n for n in images))]
+    if interval:
+        if manifest.layout is not Layout.STACKED:
+            raise CfgExportError("--interval-profile: the fused layout runs N rows at every step already; "
+                                 "drop it, or export the stacked layout")
+        profiles.append(_profile(manifest, images))
+    return profiles
+
+
+def pick_profile(profiles: list[Profile], rows: int) -> int:
+    """Returns the index of the profile for a call of `rows` rows: among those that cover
+    it, the one whose opt is nearest (the first on a tie); raises CfgExportError if none."""
+    covering = [i for i, p in enumerate(profiles) if p.covers(rows)]
+    if not covering:
+        ranges = ", ".join(f"{p.rows[0]}..{p.rows[2]}" for p in profiles)
+        raise CfgExportError(f"engine: got a call of {rows} rows, expected rows in its profiles ({ranges}); "
+                             f"rebuild it with a larger --max-batch or smaller --min-batch (in images N)")
+    return min(covering, key=lambda i: (abs(profiles[i].rows[1] - rows), i))
+
+
+def shapes_text(shapes: dict[str, Shape]) -> str:
+    """Returns 'sample:2x1x16x16,timestep:2,cond:2', the trtexec and ORT spelling."""
+    return ",".join(f"{name}:{'x'.join(str(s) for s in shape)}" for name, shape in shapes.items())
+
+
+def engine_profiles(manifest: Manifest) -> list[Profile]:
+    """Returns the profiles recorded in an engine manifest."""
+    return [Profile.from_dict(d) for d in (manifest.engine or {}).get("profiles", [])]
+
+
+def engine_only(directory: str | Path) -> bool:
+    """True for a folder that holds an engine and no ONNX manifest (an engine copied to a board)."""
+    directory = Path(directory)
+    return not (directory / MANIFEST_NAME).exists() and (directory / ENGINE_MANIFEST).exists()
+
+
+def read_engine_manifest(directory: str | Path) -> Manifest:
+    """Returns an artifact's engine manifest, or raises CfgExportError with the command that builds one."""
+    directory = Path(directory)
+    if not (directory / ENGINE_MANIFEST).is_file() and directory.is_dir():
+        raise CfgExportError(f"{directory}: no {ENGINE_MANIFEST} in it; build an engine with: "
+                             f"cfg-export trt {directory}")
+    manifest = read_manifest(directory, ENGINE_MANIFEST)
+    if manifest.engine is None:
+        raise CfgExportError(f"{directory / ENGINE_MANIFEST}: has no 'engine' block; rebuild it with cfg-export trt")
+    return manifest
+
+
+def read_artifact_manifest(directory: str | Path, backend: str | None = None) -> Manifest:
+    """Returns the manifest a backend runs: engine.json for 'tensorrt' (and for 'auto' or None
+    in a folder holding only an engine), manifest.json otherwise."""
+    if backend == "tensorrt" or (backend in (None, "auto") and engine_only(directory)):
+        return read_engine_manifest(directory)
+    return read_manifest(directory)
