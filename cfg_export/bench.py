@@ -297,28 +297,3 @@ def format_table(result: BenchResult) -> str:
         lines.append(f"{r.mode:<9} {r.n:>4} {r.backend:<22} {r.precision:<9} {r.p50_ms:>8.2f} {r.p90_ms:>8.2f} "
                      f"{r.p99_ms:>8.2f} {100 * r.host_share:>6.1f}% {r.images_per_s:>8.1f} {r.peak_rss_mb:>7.0f}")
     return "\n".join(lines + [""] + result.ratios)
-
-
-def plot_bench(result: BenchResult, path: str | Path) -> Path:
-    """Writes a PNG: p50 step time against N, one line per mode/backend/precision."""
-    from cfg_export.evaluate import _pyplot
-    from runtime.files import staged_file
-
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    series = {}
-    for r in result.rows:
-        series.setdefault(f"{r.mode} {r.backend} {r.precision}", []).append((r.n, r.p50_ms))
-    for label, points in series.items():
-        ax.plot(*zip(*sorted(points)), "o-", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("images N")
-    ax.set_ylabel("p50 step time (ms)")
-    ax.set_title("Guided sampling step time")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    with staged_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path

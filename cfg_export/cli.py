@@ -174,6 +174,120 @@ def sample_command(ctx):
     ctx.exit(runtime_main(["sample", *ctx.args], prog="cfg-export"))
 
 
+def _progress_bar(length: int, label: str):
+    """A click progress bar on stderr (hidden with -q) and its update(done, total) callback."""
+    hidden = bool(click.get_current_context().find_root().obj.get("quiet"))
+    bar = click.progressbar(length=length, label=label, file=click.get_text_stream("stderr"), hidden=hidden)
+    done = [0]
+
+    def update(count: int, total: int) -> None:
+        bar.update(count - done[0])
+        done[0] = count
+    return bar, update
+
+
+@main.command("calibrate")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("-o", "--out", "out_path", required=True, metavar="CALIB.npz", help="Calibration file to write.")
+@click.option("--sampler", default=None, help="Sampler of the recorded trajectories (default ddim).")
+@click.option("--steps", type=int, default=None, help="Sampler steps (default 50).")
+@click.option("--w", type=float, default=None, help="Guidance weight of the trajectories (default 3).")
+@click.option("--classes", default=None, metavar="0,1,...", help="Class labels (default: every class).")
+@click.option("--n", type=int, default=None, help="Images per class (default 2).")
+@click.option("--seed", type=int, default=None, help="Seed of the initial noise (default 0).")
+@click.option("--record-steps", type=int, default=None, metavar="K",
+              help="Record K steps spread evenly over the trajectory, first and last included (default: all).")
+def calibrate_command(directory, out_path, sampler, steps, w, classes, n, seed, record_steps):
+    """Record INT8 calibration data: run the FP32 artifact DIR through the guided sampler
+    and keep the exact stacked inputs of the model (sample, timestep, cond; conditional
+    and null halves) at steps spread over the whole trajectory.
+
+    \b
+    The file holds one array per model input, rows first ([K * 2N, ...]), and a manifest
+    (source model sha256, sampler, steps, w, seed, recorded steps): it is refused for
+    any other model. Use it with cfg-export quantize, or cfg-export trt --calibration-data.
+    """
+    from calibration.record import record_calibration
+    from runtime.pipeline import DEFAULT_STEPS
+
+    try:
+        labels = [int(v) for v in classes.split(",")] if classes else None
+    except ValueError:
+        raise CfgExportError(f"--classes: got {classes!r}, expected integers separated by commas") from None
+    bar, update = _progress_bar(steps or DEFAULT_STEPS, "recording")
+    with bar:
+        result = record_calibration(directory, out_path, classes=labels, n=n, w=w, steps=steps, sampler=sampler,
+                                    seed=seed, record_steps=record_steps,
+                                    callback=lambda i, t, x: update(i + 1, steps or DEFAULT_STEPS))
+    m = result.manifest
+    say(f"wrote {result.path}: {len(m.rows)} of {m.steps} {m.sampler} steps (t={m.recorded_timesteps[0]}.."
+        f"{m.recorded_timesteps[-1]}) x {m.rows[0]} rows ({m.images} images, w={m.w:g}, seed {m.seed}) "
+        f"in {result.seconds:.1f} s")
+
+
+@main.command("quantize")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--calib", required=True, metavar="CALIB.npz", help="Calibration file from cfg-export calibrate.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of the INT8 artifact to write (model.onnx with Q/DQ nodes + manifest.json).")
+@click.option("--method", default=None, metavar="NAME",
+              help="Activation calibration: minmax, entropy or percentile (default percentile).")
+@click.option("--keep-fp32", multiple=True, metavar="PATTERN",
+              help="Leave matching nodes in float (repeatable): @norm, @embedding, @first-conv, @last-conv, an "
+                   "op type, or a node-name glob; 'default' adds the default list (@norm @embedding "
+                   "@first-conv @last-conv Softmax).")
+@click.option("--quantize-all", is_flag=True, help="Leave no node in float (every Conv/Gemm/MatMul in INT8).")
+@click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
+@click.option("--reduce-range", is_flag=True, help="7-bit weights (x86 CPUs without VNNI; ONNX Runtime only).")
+@click.option("--activation-type", default=None, metavar="int8|uint8",
+              help="int8: symmetric, for TensorRT and ONNX Runtime (default); uint8: asymmetric, ONNX Runtime only.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--report", is_flag=True, help="Measure and print the quality report against the FP32 model.")
+@click.option("--classifier", metavar="FILE.onnx", default=None,
+              help="With --report: score both sample sets with this classifier (samples in, logits out).")
+@click.option("--report-n", type=int, default=None, help="With --report: images per class (default 4).")
+@click.option("--report-steps", type=int, default=None, help="With --report: sampler steps (default 50).")
+def quantize_command(directory, calib, out_dir, method, keep_fp32, quantize_all, per_tensor, reduce_range,
+                     activation_type, overwrite, report, classifier, report_n, report_steps):
+    """Quantize the FP32 artifact DIR to INT8 (explicit Q/DQ, ONNX Runtime's quantization
+    tools) with activation ranges from CALIB.npz; write a new artifact to OUT that ONNX
+    Runtime runs on the CPU and TensorRT builds as INT8:
+    cfg-export trt DIR --int8 --int8-onnx OUT/model.onnx.
+    """
+    from calibration.quantize import QuantizeOptions, quantize_artifact
+
+    if quantize_all and keep_fp32:
+        raise CfgExportError("--quantize-all and --keep-fp32: give one of the two")
+    if not report and (classifier or report_n or report_steps):
+        raise CfgExportError("--classifier, --report-n and --report-steps apply with --report: add it")
+    options = QuantizeOptions(method=method, keep_fp32=() if quantize_all else (keep_fp32 or None),
+                              per_channel=False if per_tensor else None, reduce_range=reduce_range or None,
+                              activation_type=activation_type)
+    bar, update = _progress_bar(1, "calibrating")
+    with bar:
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            update(done, total)
+        result = quantize_artifact(directory, calib, out_dir, options, overwrite=overwrite, progress=progress)
+    for note in result.notes:
+        say(f"note: {note}")
+    q = result.manifest.producer["quantization"]
+    say(f"wrote {result.directory / result.manifest.model_file} and manifest.json ({result.manifest.precision}: "
+        f"{len(result.quantized)} nodes in INT8, {len(result.kept)} left in float; {q['method']} ranges from "
+        f"{q['calibration_steps']} recorded steps) in {result.seconds:.1f} s")
+    if report:
+        from calibration.report import measure_quality
+        from runtime.pipeline import DEFAULT_STEPS
+
+        total = report_steps or DEFAULT_STEPS
+        bar, update = _progress_bar(total, "measuring")
+        with bar:
+            quality = measure_quality(directory, out_dir, n=report_n, steps=report_steps, classifier=classifier,
+                                      callback=lambda i, t, x: update(i + 1, total))
+        for line in quality.lines():
+            say(line)
+
+
 def _write_json(data, path: str) -> None:
     import json
 
@@ -207,7 +321,8 @@ def bench_command(directories, batches, backends, precisions, modes, steps, warm
     \b
     Example: cfg-export bench out/digits out/digits-fused --batch 1,4,16 --torch-model examples/digits/denoiser
     """
-    from cfg_export.bench import format_table, parse_batches, plot_bench, run_bench
+    from cfg_export.bench import format_table, parse_batches, run_bench
+    from cfg_export.plots import plot_bench
 
     split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None
     result = run_bench(directories, parse_batches(batches) if batches else None, backends=split(backends),
@@ -237,7 +352,8 @@ def eval_command(directory, ws, per_class, steps, sampler, seed, classifier, ref
     """The guidance trade-off (the paper's Table 2 shape) on a class-conditional artifact:
     class accuracy, an Inception Score analog and a Frechet distance of classifier
     features against real data, for each w."""
-    from cfg_export.evaluate import evaluate_guidance, plot_tradeoff, rows_to_dicts
+    from cfg_export.evaluate import evaluate_guidance, rows_to_dicts
+    from cfg_export.plots import plot_tradeoff
 
     try:
         weights = [float(v) for v in ws.split(",")] if ws else None

@@ -111,34 +111,3 @@ def evaluate_guidance(directory: str | Path, ws: Sequence[float] | None = None, 
 
 def rows_to_dicts(rows: Sequence) -> list[dict]:
     return [asdict(r) for r in rows]
-
-
-def plot_tradeoff(rows: Sequence[EvalRow], path: str | Path) -> Path:
-    """Writes a PNG of Frechet distance and Inception Score against w (the paper's
-    trade-off figure, on the reference model); returns the path."""
-    plt = _pyplot()
-    from runtime.files import staged_file
-
-    ws = [r.w for r in rows]
-    fig, left = plt.subplots(figsize=(6, 4), dpi=120)
-    left.plot(ws, [r.frechet_distance for r in rows], "o-", color="tab:blue", label="Frechet distance (lower is better)")
-    left.set_xlabel("guidance weight w")
-    left.set_ylabel("Frechet distance (classifier features)", color="tab:blue")
-    right = left.twinx()
-    right.plot(ws, [r.inception_score for r in rows], "s--", color="tab:red", label="Inception Score analog")
-    right.set_ylabel("Inception Score analog", color="tab:red")
-    left.set_title("Guidance trade-off on the reference model")
-    fig.tight_layout()
-    path = Path(path)
-    with staged_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
-
-
-def _pyplot():
-    matplotlib = require("matplotlib", "plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
