@@ -21,6 +21,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _check_parent(target: Path) -> None:
     parent = target.parent
     if parent.exists() and not parent.is_dir():
@@ -42,6 +48,7 @@ def staged_file(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -64,6 +71,7 @@ def staged_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise CfgExportError(f"cannot write {target}: {exc.strerror}; choose another output folder") from None
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
