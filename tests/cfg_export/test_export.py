@@ -120,6 +120,7 @@ def test_reference_model_stacked_matches_torch(digits_artifact, digits_module, n
 def test_reference_model_fused_matches_the_mix(digits_fused_artifact, digits_module, n):
     """w = 0 gives the conditional half; w = 3 gives (1 + w) eps_c - w eps_u computed by hand in torch."""
     x, t, c = stacked_inputs(n, digits_module.facts.sample_shape, 10, 10, 1000, seed=10 + n)
+    x, t = torch.cat([x[:n], x[:n]]), torch.cat([t[:n], t[:n]])  # the same sample in both halves
     with torch.no_grad():
         eps = digits_module.module(x, t, c).numpy().astype(np.float64)
     eps_c, eps_u = eps[:n], eps[n:]
