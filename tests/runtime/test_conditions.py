@@ -3,13 +3,13 @@ null rows of the stacked batch."""
 import numpy as np
 import pytest
 
-from runtime.backends.base import Backend
 from runtime.conditions import check_embeddings, load_null_embedding, rows_for
 from runtime.errors import CfgExportError
 from runtime.guidance import GuidanceOptions, GuidedDenoiser
 from runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
 from runtime.pipeline import check_cond
 from runtime.schedule import NoiseSchedule
+from tests.runtime.fakes import RecordingBackend
 
 L, D = 3, 4
 
@@ -30,25 +30,9 @@ def make_manifest(layout=Layout.STACKED, kind="embedding") -> Manifest:
     return Manifest(facts, layout, tuple(inputs), (TensorSpec("eps", (rows, 1, 2, 2), "float32"),))
 
 
-class EmbeddingBackend(Backend):
+def EmbeddingBackend(manifest):
     """eps = 0.1 * sample + the mean of each row's embedding: easy to predict."""
-
-    name = "fake"
-
-    def __init__(self, manifest):
-        super().__init__(manifest)
-        self.feeds = []
-
-    def activate(self):
-        pass
-
-    def deactivate(self):
-        pass
-
-    def _infer(self, feeds):
-        self.feeds.append(feeds)
-        eps = 0.1 * feeds["sample"] + feeds["cond"].mean(axis=(1, 2)).reshape(-1, 1, 1, 1)
-        return {"eps": eps.astype(np.float32)}
+    return RecordingBackend(manifest, lambda f: 0.1 * f["sample"] + f["cond"].mean(axis=(1, 2)).reshape(-1, 1, 1, 1))
 
 
 def test_check_embeddings():

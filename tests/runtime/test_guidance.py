@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 
-from runtime.backends.base import Backend
 from runtime.errors import CfgExportError
 from runtime.guidance import GuidanceOptions, GuidedDenoiser, check_w, dynamic_threshold, mix, to_eps
 from runtime.manifest import Condition, Layout, Manifest, ModelFacts, Prediction, TensorSpec
 from runtime.schedule import NoiseSchedule
+from tests.runtime.fakes import RecordingBackend
 
 rng = np.random.default_rng(0)
 
@@ -55,28 +55,17 @@ def test_dynamic_threshold():
     np.testing.assert_allclose(x0_new[1], np.clip(x0[1], -s, s) / s, atol=1e-12)
 
 
-class FakeBackend(Backend):
+def _fake_eps(feeds):
+    eps = 0.1 * feeds["sample"] + feeds["cond"].reshape(-1, 1, 1, 1)
+    if "w" in feeds:  # fused: the graph does the stacking with null class 10
+        w = feeds["w"].reshape(-1, 1, 1, 1)
+        eps = (1 + w) * eps - w * (0.1 * feeds["sample"] + 10)
+    return eps
+
+
+def FakeBackend(manifest):
     """eps = 0.1 * sample + cond (broadcast): a backend whose answer is easy to predict."""
-
-    name = "fake"
-
-    def __init__(self, manifest):
-        super().__init__(manifest)
-        self.feeds = []
-
-    def activate(self):
-        pass
-
-    def deactivate(self):
-        pass
-
-    def _infer(self, feeds):
-        self.feeds.append(feeds)
-        eps = 0.1 * feeds["sample"] + feeds["cond"].reshape(-1, 1, 1, 1)
-        if "w" in feeds:  # fused: the graph does the stacking with null class 10
-            w = feeds["w"].reshape(-1, 1, 1, 1)
-            eps = (1 + w) * eps - w * (0.1 * feeds["sample"] + 10)
-        return {"eps": eps.astype(np.float32)}
+    return RecordingBackend(manifest, _fake_eps)
 
 
 def make_manifest(layout=Layout.STACKED, batch=None):
