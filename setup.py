@@ -5,6 +5,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "export": ["torch>=2.1", "onnx>=1.15", "onnxscript", "safetensors>=0.4"],
     "onnxruntime": ["onnxruntime>=1.17"],
+    "quantize": ["onnxruntime>=1.17", "onnx>=1.15"],  # cfg-export quantize: onnxruntime.quantization needs onnx
     "onnxruntime-gpu": ["onnxruntime-gpu>=1.17"],
     "tensorrt": ["tensorrt>=10", "cuda-python>=12"],
     "progress": ["tqdm"],

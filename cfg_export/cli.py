@@ -174,16 +174,28 @@ def sample_command(ctx):
     ctx.exit(runtime_main(["sample", *ctx.args], prog="cfg-export"))
 
 
-def _progress_bar(length: int, label: str):
-    """A click progress bar on stderr (hidden with -q) and its update(done, total) callback."""
-    hidden = bool(click.get_current_context().find_root().obj.get("quiet"))
-    bar = click.progressbar(length=length, label=label, file=click.get_text_stream("stderr"), hidden=hidden)
-    done = [0]
+class _ProgressBar:
+    """A click progress bar on stderr, opened at the first update (so bad input fails
+    before any bar is drawn), hidden with -q; update(done, total) is the library's callback."""
 
-    def update(count: int, total: int) -> None:
-        bar.update(count - done[0])
-        done[0] = count
-    return bar, update
+    def __init__(self, label: str):
+        self.label, self.bar, self.done = label, None, 0
+        self.hidden = bool(click.get_current_context().find_root().obj.get("quiet"))
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=click.get_text_stream("stderr"),
+                                         hidden=self.hidden).__enter__()
+        self.bar.length = total
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
 
 
 @main.command("calibrate")
@@ -214,11 +226,10 @@ def calibrate_command(directory, out_path, sampler, steps, w, classes, n, seed, 
         labels = [int(v) for v in classes.split(",")] if classes else None
     except ValueError:
         raise CfgExportError(f"--classes: got {classes!r}, expected integers separated by commas") from None
-    bar, update = _progress_bar(steps or DEFAULT_STEPS, "recording")
-    with bar:
+    with _ProgressBar("recording") as bar:
         result = record_calibration(directory, out_path, classes=labels, n=n, w=w, steps=steps, sampler=sampler,
                                     seed=seed, record_steps=record_steps,
-                                    callback=lambda i, t, x: update(i + 1, steps or DEFAULT_STEPS))
+                                    callback=lambda i, t, x: bar.update(i + 1, steps or DEFAULT_STEPS))
     m = result.manifest
     say(f"wrote {result.path}: {len(m.rows)} of {m.steps} {m.sampler} steps (t={m.recorded_timesteps[0]}.."
         f"{m.recorded_timesteps[-1]}) x {m.rows[0]} rows ({m.images} images, w={m.w:g}, seed {m.seed}) "
@@ -233,9 +244,9 @@ def calibrate_command(directory, out_path, sampler, steps, w, classes, n, seed, 
 @click.option("--method", default=None, metavar="NAME",
               help="Activation calibration: minmax, entropy or percentile (default percentile).")
 @click.option("--keep-fp32", multiple=True, metavar="PATTERN",
-              help="Leave matching nodes in float (repeatable): @norm, @embedding, @first-conv, @last-conv, an "
-                   "op type, or a node-name glob; 'default' adds the default list (@norm @embedding "
-                   "@first-conv @last-conv Softmax).")
+              help="Leave matching nodes in float (repeatable): @norm, @embedding, @first-conv, @last-conv, "
+                   "@full-res (convolutions at the sample's resolution), an op type, or a node-name glob; "
+                   "'default' adds the default list (@norm @embedding @first-conv @last-conv Softmax).")
 @click.option("--quantize-all", is_flag=True, help="Leave no node in float (every Conv/Gemm/MatMul in INT8).")
 @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
 @click.option("--reduce-range", is_flag=True, help="7-bit weights (x86 CPUs without VNNI; ONNX Runtime only).")
@@ -263,27 +274,22 @@ def quantize_command(directory, calib, out_dir, method, keep_fp32, quantize_all,
     options = QuantizeOptions(method=method, keep_fp32=() if quantize_all else (keep_fp32 or None),
                               per_channel=False if per_tensor else None, reduce_range=reduce_range or None,
                               activation_type=activation_type)
-    bar, update = _progress_bar(1, "calibrating")
-    with bar:
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            update(done, total)
-        result = quantize_artifact(directory, calib, out_dir, options, overwrite=overwrite, progress=progress)
+    with _ProgressBar("calibrating") as bar:
+        result = quantize_artifact(directory, calib, out_dir, options, overwrite=overwrite, progress=bar.update)
     for note in result.notes:
         say(f"note: {note}")
     q = result.manifest.producer["quantization"]
     say(f"wrote {result.directory / result.manifest.model_file} and manifest.json ({result.manifest.precision}: "
-        f"{len(result.quantized)} nodes in INT8, {len(result.kept)} left in float; {q['method']} ranges from "
+        f"{len(result.quantized)} layers in INT8, {len(result.kept)} nodes left in float; {q['method']} ranges from "
         f"{q['calibration_steps']} recorded steps) in {result.seconds:.1f} s")
     if report:
         from calibration.report import measure_quality
         from runtime.pipeline import DEFAULT_STEPS
 
         total = report_steps or DEFAULT_STEPS
-        bar, update = _progress_bar(total, "measuring")
-        with bar:
+        with _ProgressBar("measuring") as bar:
             quality = measure_quality(directory, out_dir, n=report_n, steps=report_steps, classifier=classifier,
-                                      callback=lambda i, t, x: update(i + 1, total))
+                                      callback=lambda i, t, x: bar.update(i + 1, total))
         for line in quality.lines():
             say(line)
 

@@ -1,0 +1,308 @@
+"""quantize_artifact: an FP32 artifact + its calibration file -> a new artifact whose
+model.onnx is explicitly quantized (QuantizeLinear/DequantizeLinear pairs, "Q/DQ").
+
+ONNX Runtime's static quantization (onnxruntime.quantization.quantize_static,
+QuantFormat.QDQ) does the work: weights quantized per output channel, activation
+ranges calibrated on the recorded sampler feeds (one batch per recorded step: the
+stacked 2N rows of both halves) by min-max, entropy (KL divergence, the method of
+TensorRT's entropy calibrator) or a percentile of the histogram (the default: it gave
+the smallest errors on the reference model, see README). Only the compute-heavy ops
+are quantized (Conv, ConvTranspose, Gemm, MatMul: their inputs, weights and outputs),
+and the nodes of calibration.nodes.DEFAULT_KEEP_FLOAT stay in float: their weights are
+not quantized, and where ONNX Runtime routes one of their inputs through the Q/DQ
+pair of a quantized neighbour, they are rewired to read the float tensor itself.
+
+The default form is the one TensorRT 10 and 11 build as INT8 from Q/DQ nodes (`cfg-export
+trt DIR --int8 --int8-onnx OUT/model.onnx`) and ONNX Runtime runs on the CPU: signed
+INT8 activations with symmetric ranges (zero point 0), INT8 weights per output channel,
+biases left in float (TensorRT's parser refuses a DequantizeLinear of INT32 biases).
+'uint8' gives asymmetric activations, which only ONNX Runtime runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from calibration.data import CalibrationData, read_calibration
+from calibration.nodes import select_float_nodes
+from runtime.errors import CfgExportError, require
+from runtime.files import staged_dir
+from runtime.manifest import METADATA_KEY, Manifest
+from runtime.schedule import parse_enum
+
+log = logging.getLogger(__name__)
+
+PRECISION = "int8-qdq"
+DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # inputs, weights and outputs get Q/DQ
+DEFAULT_METHOD = "percentile"
+EXTRA = "quantize"  # pip install 'cfg-export[quantize]': onnx + onnxruntime
+
+
+class CalibrationMethod(enum.Enum):
+    """How activation ranges are taken from the recorded feeds."""
+
+    MINMAX = "minmax"  # the largest |value| seen (TensorRT's IInt8MinMaxCalibrator)
+    ENTROPY = "entropy"  # the clipping that minimizes KL divergence (IInt8EntropyCalibrator2)
+    PERCENTILE = "percentile"  # the 99.999th percentile of |value|
+
+
+class ActivationType(enum.Enum):
+    INT8 = "int8"  # signed, symmetric (zero point 0): TensorRT and ONNX Runtime
+    UINT8 = "uint8"  # unsigned, asymmetric: ONNX Runtime only
+
+
+@dataclass
+class QuantizeOptions:
+    """How the model is quantized; None means the default."""
+
+    method: CalibrationMethod | str | None = None  # default percentile
+    keep_fp32: Sequence[str] | None = None  # calibration.nodes entries; None: DEFAULT_KEEP_FLOAT; () quantize all
+    op_types: Sequence[str] | None = None  # default DEFAULT_OP_TYPES
+    per_channel: bool | None = None  # default True
+    reduce_range: bool | None = None  # 7-bit weights, for x86 CPUs without VNNI; default False
+    activation_type: ActivationType | str | None = None  # default int8 (symmetric)
+    percentile: float | None = None  # for the percentile method; default 99.999
+
+
+@dataclass
+class QuantizeResult:
+    directory: Path
+    manifest: Manifest
+    kept: list[str]  # nodes left in float by the keep list
+    quantized: list[str]  # layers whose inputs come through DequantizeLinear (run in INT8)
+    calibration: CalibrationData
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def make_data_reader(data: CalibrationData):
+    """Returns an onnxruntime CalibrationDataReader that yields one feed dict per recorded
+    step and supports the strided collection of quantize_static (len and set_range), so
+    that the calibrator holds one step's activations at a time."""
+    quantization = require("onnxruntime.quantization", EXTRA)
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.start, self.end = 0, data.steps
+            self._iter = None
+
+        def __len__(self) -> int:
+            return data.steps
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.start, self.end = start_index, end_index
+            self._iter = None
+
+        def get_next(self) -> dict | None:
+            if self._iter is None:
+                self._iter = data.batches(list(range(self.start, min(self.end, data.steps))))
+            return next(self._iter, None)
+
+        def rewind(self) -> None:
+            self._iter = None
+
+    return Reader()
+
+
+def _opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def keep_float_inputs(model, kept: Sequence[str]) -> int:
+    """Makes the kept nodes read float tensors: an input X' = DequantizeLinear(QuantizeLinear(X))
+    (a pair ONNX Runtime shares between all readers of X) becomes X again; Q/DQ nodes left
+    without readers are removed. Returns how many inputs were rewired."""
+    graph = model.graph
+    producer = {o: node for node in graph.node for o in node.output}
+    kept, count = set(kept), 0
+    for node in graph.node:
+        if node.name not in kept:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                count += 1
+    while True:
+        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in node.output)]
+        if not dead:
+            return count
+        for node in dead:
+            graph.node.remove(node)
+
+
+def quantized_nodes(model, op_types: Sequence[str] = DEFAULT_OP_TYPES) -> list[str]:
+    """Returns the names of the nodes of `op_types` whose inputs come through
+    DequantizeLinear: the layers that run in INT8 (graph order)."""
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type in op_types and any(i in dq_outputs for i in n.input)]
+
+
+@dataclass
+class QuantizedModel:
+    model: object  # onnx.ModelProto with Q/DQ nodes
+    kept: list[str]  # nodes left in float by the keep list
+    settings: dict  # what was done, for the manifest's producer.quantization
+
+
+def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None = None, *,
+                   nodes_to_quantize: Sequence[str] | None = None, cache: str | Path | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> QuantizedModel:
+    """Returns the Q/DQ INT8 form of the FP32 onnx ModelProto `model` (whose nodes get
+    names where they have none), calibrated on the feeds of `data`. nodes_to_quantize:
+    quantize only these nodes (and ignore the keep list), for sensitivity analysis.
+    cache: a JSON file of ranges onnxruntime writes, or reads instead of calibrating
+    (onnxruntime versions whose quantize_static has calibration_cache_path)."""
+    import inspect
+
+    options = options or QuantizeOptions()
+    method = parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")
+    act = parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    per_channel = True if options.per_channel is None else bool(options.per_channel)
+    reduce_range = bool(options.reduce_range)
+    op_types = list(DEFAULT_OP_TYPES if options.op_types is None else options.op_types)
+    onnx = require("onnx", EXTRA)
+    quantization = require("onnxruntime.quantization", EXTRA)
+    kept = select_float_nodes(model, options.keep_fp32)
+    if nodes_to_quantize is not None:
+        kept = []
+    types = {ActivationType.INT8: quantization.QuantType.QInt8, ActivationType.UINT8: quantization.QuantType.QUInt8}
+    extra = {"ActivationSymmetric": act is ActivationType.INT8, "WeightSymmetric": True, "QuantizeBias": False,
+             "CalibStridedMinMax": 1,  # one recorded step per collection: bounded memory, any method
+             "CalibPercentile": 99.999 if options.percentile is None else float(options.percentile)}
+    reader = make_data_reader(data)
+    if progress is not None:
+        reader = _counting(reader, data.steps, progress)
+    calibrate_method = {CalibrationMethod.MINMAX: quantization.CalibrationMethod.MinMax,
+                        CalibrationMethod.ENTROPY: quantization.CalibrationMethod.Entropy,
+                        CalibrationMethod.PERCENTILE: quantization.CalibrationMethod.Percentile}[method]
+    more = {}
+    if cache is not None and "calibration_cache_path" in inspect.signature(quantization.quantize_static).parameters:
+        more["calibration_cache_path"] = str(cache)
+    with tempfile.TemporaryDirectory(prefix="cfg-export-quantize.") as work:
+        named = Path(work) / "named.onnx"
+        onnx.save(model, str(named))  # with the node names select_float_nodes gave
+        quantized_path = Path(work) / "model.onnx"
+        _quiet_root_logger(lambda: quantization.quantize_static(
+            str(named), str(quantized_path), reader, quant_format=quantization.QuantFormat.QDQ,
+            op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
+            activation_type=types[act], weight_type=quantization.QuantType.QInt8, nodes_to_exclude=kept,
+            nodes_to_quantize=list(nodes_to_quantize or []), calibrate_method=calibrate_method,
+            extra_options=extra, **more))
+        qmodel = onnx.load(str(quantized_path))
+    rewired = keep_float_inputs(qmodel, kept)
+    settings = {"method": method.value, "per_channel": per_channel, "reduce_range": reduce_range,
+                "activation_type": act.value, "op_types": op_types,
+                "keep_fp32": list(options.keep_fp32) if options.keep_fp32 is not None else None,
+                "kept_nodes": len(kept), "rewired_inputs": rewired, "calibration_steps": data.steps,
+                "calibration_rows": int(sum(data.manifest.rows)), "sampler": data.manifest.sampler,
+                "w": data.manifest.w}
+    return QuantizedModel(qmodel, kept, settings)
+
+
+def quantize_artifact(directory: str | Path, calib: str | Path, out_dir: str | Path,
+                      options: QuantizeOptions | None = None, overwrite: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
+    """Returns the new artifact written to `out_dir` (whole or not at all): a Q/DQ INT8
+    model.onnx of the FP32 artifact in `directory`, calibrated on the recorded feeds of
+    `calib` (which must come from that very model file), and its manifest.json with
+    precision 'int8-qdq', its own sha256 and the source's in producer.quantized_from.
+    The model's inputs and outputs stay float32 [2N, ...] (stacked) as in the source.
+    progress(done, total) is called after each recorded step is calibrated.
+    """
+    from runtime.pipeline import open_artifact
+
+    start = time.perf_counter()
+    options = options or QuantizeOptions()
+    parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")  # bad input before the work
+    parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    source = open_artifact(directory)
+    if source.engine is not None or source.precision != "fp32":
+        raise CfgExportError(f"{directory}: the model is {source.precision}; quantize the FP32 ONNX export "
+                             f"(cfg-export onnx)")
+    data = read_calibration(calib, source)
+    onnx = require("onnx", EXTRA)
+    ort = require("onnxruntime", EXTRA)
+    done = quantize_model(onnx.load(str(Path(directory) / source.model_file)), data, options, progress=progress)
+    qmodel = done.model
+    producer = {**source.producer, "onnxruntime": ort.__version__, "quantized_from": source.model_sha256,
+                "quantization": done.settings}
+    manifest = replace(source, precision=PRECISION, opset=_opset(qmodel), producer=producer, model_sha256="")
+    del qmodel.metadata_props[:]
+    entry = qmodel.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(manifest.to_dict(with_sha=False), sort_keys=True)
+    result = QuantizeResult(Path(out_dir), manifest, done.kept, quantized_nodes(qmodel, done.settings["op_types"]),
+                            data, 0.0)
+    if not result.quantized:
+        result.notes.append("no node was quantized: the keep list and op types leave the whole graph in float")
+    with staged_dir(out_dir, overwrite=overwrite) as tmp:
+        onnx.save(qmodel, str(tmp / manifest.model_file))
+        null_file = source.facts.condition.null_file
+        if null_file:
+            shutil.copyfile(Path(directory) / null_file, tmp / null_file)
+        result.manifest = manifest.with_sha(tmp)
+        result.manifest.write(tmp)
+        _check_runs(tmp, result.manifest, data)
+    result.seconds = time.perf_counter() - start
+    log.info("quantized %s: %d nodes in INT8, %d kept in float, %s calibration over %d steps, in %.1f s",
+             directory, len(result.quantized), len(result.kept), done.settings["method"], data.steps, result.seconds)
+    return result
+
+
+def _counting(reader, total: int, progress: Callable[[int, int], None]):
+    """Wraps the reader's get_next to report each batch handed out."""
+    done = 0
+    get_next = reader.get_next
+
+    def counted():
+        nonlocal done
+        feeds = get_next()
+        if feeds is not None:
+            done += 1
+            progress(min(done, total), total)
+        return feeds
+
+    reader.get_next = counted
+    return reader
+
+
+def _quiet_root_logger(fn):
+    """Runs fn with the root logger above WARNING and stdout captured: quantize_static logs
+    through the root logger (a pre-processing hint on every call) and its histogram
+    calibrators print; what they print goes to this module's debug log."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            return fn()
+    except (ValueError, RuntimeError) as exc:
+        raise CfgExportError(f"ONNX Runtime's quantization failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        root.setLevel(level)
+        if printed.getvalue():
+            log.debug("onnxruntime.quantization printed: %s", printed.getvalue().strip())
+
+
+def _check_runs(directory: Path, manifest: Manifest, data: CalibrationData) -> None:
+    """Opens the new artifact with the runtime's ONNX Runtime CPU backend (which checks the
+    ONNX metadata against the manifest) and runs the first recorded step through it."""
+    from runtime.backends.onnxrt import OnnxRuntimeBackend
+
+    feeds = next(data.batches())
+    with OnnxRuntimeBackend(directory / manifest.model_file, manifest) as backend:
+        backend.infer(feeds)

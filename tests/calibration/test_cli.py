@@ -1,0 +1,31 @@
+"""cfg-export calibrate and quantize end to end on the tiny model, in a subprocess."""
+import numpy as np
+
+from calibration.data import load_calibration
+from runtime.manifest import read_manifest
+from tests.conftest import run_cli
+
+
+def test_calibrate_then_quantize_with_report(tiny_artifacts, tmp_path):
+    calib, out = tmp_path / "calib.npz", tmp_path / "int8"
+    proc = run_cli("-q", "calibrate", tiny_artifacts / "stacked", "-o", calib, "--steps", "8", "--record-steps", "4",
+                   "--classes", "0,2", "--n", "3", "--w", "1.5", "--seed", "9")
+    assert proc.returncode == 0, proc.stderr
+    m = load_calibration(calib).manifest
+    assert (m.steps, m.recorded_steps, m.cond, m.w, m.seed) == (8, [0, 2, 5, 7], [0, 0, 0, 2, 2, 2], 1.5, 9)
+    proc = run_cli("quantize", tiny_artifacts / "stacked", "--calib", calib, "-o", out, "--method", "minmax",
+                   "--keep-fp32", "default", "--report", "--report-n", "1", "--report-steps", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out / 'model.onnx'} and manifest.json (int8-qdq:" in proc.stdout
+    assert "INT8 vs FP32, ddim 4 steps, w=1.5" in proc.stdout and "final images: RMS difference" in proc.stdout
+    assert read_manifest(out).producer["quantization"]["method"] == "minmax"
+
+
+def test_quantize_refuses_both_quantize_all_and_keep(tiny_artifacts, tiny_calib, tmp_path):
+    proc = run_cli("quantize", tiny_artifacts / "stacked", "--calib", tiny_calib.path, "-o", tmp_path / "q",
+                   "--quantize-all", "--keep-fp32", "Conv")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "Error: --quantize-all and --keep-fp32: give one of the two"
+    proc = run_cli("calibrate", tiny_artifacts / "stacked", "-o", tmp_path / "c.npz", "--classes", "0,x")
+    assert proc.stderr.strip() == "Error: --classes: got '0,x', expected integers separated by commas"
+    assert not np.any([p.name.startswith("c.npz") for p in tmp_path.iterdir()])
