@@ -90,7 +90,8 @@ class DigitsUNet(nn.Module):
     ``num_res_blocks + 1`` on the way up (each eating one skip connection,
     as in the DDPM UNet), and two blocks in the middle.
 
-    Output parameterisation (``param``). The output is always eps. With
+    Output parameterisation (``param``, default "v", as the shipped model;
+    configs name it explicitly). The output is always eps. With
     ``param="eps"`` the UNet's last convolution is eps. With ``param="v"`` the
     UNet predicts v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022)
     and forward returns the exactly equivalent
