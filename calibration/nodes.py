@@ -138,15 +138,12 @@ def full_resolution_convs(model, sample: str) -> set[int]:
             if n.op_type in CONV_OPS and shapes.get(n.input[0], [])[2:] == spatial}
 
 
-def select_float_nodes(model, keep: Sequence[str] | None = None, sample: str | None = None) -> list[str]:
-    """Returns the names of the nodes the keep list leaves in float, in graph order (None
+def select_nodes(model, keep: Sequence[str] | None = None, sample: str | None = None) -> set[int]:
+    """Returns the indices of the graph's nodes that the keep list keeps in float (None
     means DEFAULT_KEEP_FLOAT); raises CfgExportError naming an entry the user gave that
-    matches no node. Unnamed nodes are named OpType_index first (the quantizer needs names).
-    sample: the input the sample enters by (default 'sample', else the first input)."""
+    matches no node. sample: the input the sample enters by (default 'sample', else the
+    first input). Used for INT8 here and for FP16 by cfg_export.fp16."""
     graph = model.graph
-    for i, node in enumerate(graph.node):
-        if not node.name:
-            node.name = f"{node.op_type}_{i}"
     entries, strict = expand_keep(keep)
     input_names = [v.name for v in graph.input]
     sample = sample or ("sample" if "sample" in input_names else input_names[0])
@@ -172,4 +169,13 @@ def select_float_nodes(model, keep: Sequence[str] | None = None, sample: str | N
             raise CfgExportError(f"--keep-fp32 {entry!r}: matches no node (got neither an op type of the graph nor a "
                                  f"node name); node names look like {example!r}, groups: {', '.join(GROUPS)}")
         kept |= matched
-    return [graph.node[i].name for i in sorted(kept)]
+    return kept
+
+
+def select_float_nodes(model, keep: Sequence[str] | None = None, sample: str | None = None) -> list[str]:
+    """Returns the names of the nodes the keep list leaves in float, in graph order (see
+    select_nodes). Unnamed nodes are named OpType_index first (the quantizer needs names)."""
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    return [model.graph.node[i].name for i in sorted(select_nodes(model, keep, sample))]

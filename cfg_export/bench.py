@@ -17,7 +17,6 @@ import os
 import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field

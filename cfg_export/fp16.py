@@ -25,27 +25,21 @@ Uses onnx and numpy only; never imports torch.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from calibration.nodes import expand_keep, select_nodes
 from runtime.errors import CfgExportError, require
 from runtime.files import staged_file
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KEEP_FP32 = ("@norm", "Softmax", "@embedding", "@first-conv", "@last-conv")
-GROUPS = ("@norm", "@embedding", "@first-conv", "@last-conv")
-NORM_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization", "BatchNormalization",
-            "LpNormalization", "MeanVarianceNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
-NORM_STATS_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "ReduceSumSquare", "ReduceL2")
-CONV_OPS = ("Conv", "ConvTranspose")
+DEFAULT_KEEP_FP32 = ("@norm", "Softmax", "@embedding", "@first-conv", "@last-conv")  # same set as INT8's
 FP16_METADATA_KEY = "cfg_export.fp16"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
@@ -59,108 +53,10 @@ class Fp16Result:
     clipped: list[str] = field(default_factory=list)  # weights clipped to the FP16 range (+-65504)
 
 
-def expand_keep(keep: Sequence[str] | None) -> tuple[list[str], list[str]]:
-    """Returns (entries, strict): the keep list with 'default' and 'none' expanded (None means
-    the default list), and those entries the user named, which must match some node."""
-    if keep is None:
-        return list(DEFAULT_KEEP_FP32), []
-    entries, strict = [], []
-    for entry in keep:
-        entry = entry.strip()
-        if entry == "default":
-            entries += [e for e in DEFAULT_KEEP_FP32 if e not in entries]
-        elif entry and entry != "none":
-            if entry.startswith("@") and entry not in GROUPS:
-                raise CfgExportError(f"--keep-fp32 {entry!r}: no such group; groups: {', '.join(GROUPS)}")
-            entries.append(entry)
-            strict.append(entry)
-    return entries, strict
-
-
-def _producers(graph) -> dict[str, int]:
-    return {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-
-
-def _consumers(graph) -> dict[str, list[int]]:
-    users = defaultdict(list)
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            if name:
-                users[name].append(i)
-    return users
-
-
-def _sample_dependent(graph, sample: str) -> set[int]:
-    """Indices of the nodes that (transitively) read the graph input `sample`."""
-    reached, dependent = {sample}, set()
-    for i, node in enumerate(graph.node):  # ONNX nodes are stored in topological order
-        if any(name in reached for name in node.input):
-            dependent.add(i)
-            reached.update(node.output)
-    return dependent
-
-
-def _norm_nodes(graph, constants: set[str]) -> set[int]:
-    """Normalization nodes and the nodes of their usual decompositions."""
-    nodes = graph.node
-    producers, consumers = _producers(graph), _consumers(graph)
-    keep = set()
-    for i, node in enumerate(nodes):
-        if node.op_type in NORM_OPS:
-            keep.add(i)
-            if node.op_type == "InstanceNormalization":  # GroupNorm: Reshape -> IN -> Reshape -> Mul -> Add
-                before = producers.get(node.input[0])
-                if before is not None and nodes[before].op_type == "Reshape":
-                    keep.add(before)
-                current = i
-                for op in ("Reshape", "Mul", "Add"):
-                    users = consumers.get(nodes[current].output[0], [])
-                    if len(users) != 1 or nodes[users[0]].op_type != op:
-                        break
-                    following = nodes[users[0]]
-                    if op != "Reshape" and not any(n in constants for n in following.input):
-                        break  # the affine Mul/Add takes a weight
-                    current = users[0]
-                    keep.add(current)
-        elif node.op_type in NORM_STATS_OPS:  # decomposed LayerNorm / RMSNorm statistics
-            keep.add(i)
-            for user in consumers.get(node.output[0], []):
-                if nodes[user].op_type in ("Sub", "Div", "Add", "Mul"):
-                    keep.add(user)
-    return keep
-
-
 def select_fp32_nodes(model, keep: Sequence[str] | None = None, sample: str | None = None) -> set[int]:
-    """Returns the indices of the graph's nodes that the keep list keeps in FP32 (None means
-    DEFAULT_KEEP_FP32); raises CfgExportError naming an entry the user gave that matches nothing.
-    sample: the input the sample enters by (default 'sample', else the first input)."""
-    graph = model.graph
-    entries, strict = expand_keep(keep)
-    input_names = [v.name for v in graph.input]
-    sample = sample or ("sample" if "sample" in input_names else input_names[0])
-    constants = {t.name for t in graph.initializer}
-    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    dependent = _sample_dependent(graph, sample)
-    convs = [i for i in sorted(dependent) if graph.node[i].op_type in CONV_OPS]
-    kept: set[int] = set()
-    for entry in entries:
-        if entry == "@norm":
-            matched = _norm_nodes(graph, constants)
-        elif entry == "@embedding":
-            matched = {i for i, n in enumerate(graph.node) if i not in dependent and n.op_type != "Constant"}
-        elif entry == "@first-conv":
-            matched = set(convs[:1])
-        elif entry == "@last-conv":
-            matched = set(convs[-1:])
-        else:
-            matched = {i for i, n in enumerate(graph.node)
-                       if n.op_type == entry or fnmatch.fnmatchcase(n.name, entry)}
-        if not matched and entry in strict:
-            example = next((n.name for n in graph.node if n.name), "")
-            raise CfgExportError(f"--keep-fp32 {entry!r}: matches no node (got neither an op type of the graph nor a "
-                                 f"node name); node names look like {example!r}, groups: {', '.join(GROUPS)}")
-        kept |= matched
-    return kept
+    """Returns the indices of the nodes the keep list keeps in FP32 (None means
+    DEFAULT_KEEP_FP32): the same selection as INT8's, see calibration.nodes."""
+    return select_nodes(model, keep, sample)  # None: DEFAULT_KEEP_FLOAT, the same set
 
 
 def kept_float_nodes(model, keep: Sequence[str] | None = None) -> list:

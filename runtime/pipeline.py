@@ -14,7 +14,7 @@ from runtime.backends import make_backend
 from runtime.conditions import check_embeddings, load_null_embedding, rows_for
 from runtime.errors import CfgExportError
 from runtime.guidance import GuidanceOptions, GuidedDenoiser
-from runtime.manifest import ConditionKind, Layout, Manifest, read_manifest, verify_model_file
+from runtime.manifest import ConditionKind, Layout, Manifest, verify_model_file
 from runtime.samplers import get_sampler
 from runtime.schedule import make_timesteps
 
