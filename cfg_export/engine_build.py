@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 
 from cfg_export import __version__
 from cfg_export.engine_plan import EngineOptions, EnginePlan, plan_engine, rebuild_command
@@ -103,56 +102,13 @@ def _constrain_fp32(trt, network, plan: EnginePlan) -> int:
     return count
 
 
-def _make_calibrator(trt, cuda, plan: EnginePlan, network):
-    """Returns an IInt8EntropyCalibrator2 (TensorRT 10) feeding the recorded inputs in
-    batches of the first profile's opt rows. The class is defined here so that importing
-    this module never needs tensorrt."""
-    from runtime.backends.device_memory import DeviceBuffer
+def _make_calibrator(cuda, plan: EnginePlan):
+    """Returns TensorRT 10's entropy calibrator over the calibration file, checked against
+    the artifact it was recorded from, in batches of the first profile's opt rows."""
+    from calibration.trt_calibrator import make_calibrator
 
-    data = np.load(plan.options.calibration_data)
-    inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
-    missing = sorted(set(inputs) - set(data.files))
-    if missing:
-        raise CfgExportError(f"--calibration-data: got arrays {sorted(data.files)}, expected {sorted(inputs)} "
-                             f"(recorded inputs of the stacked batch)")
     rows = plan.profiles[0].rows[1] if plan.profiles else plan.manifest.batch * plan.manifest.rows_per_image
-    arrays = {name: np.ascontiguousarray(data[name]) for name in inputs}
-    total = min(len(a) for a in arrays.values())
-    if total < rows:
-        raise CfgExportError(f"--calibration-data: got {total} rows, expected at least {rows} (one batch of the "
-                             f"profile's opt shape); record more sampler steps")
-    cache_path = plan.calibration_cache
-
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self.start = 0
-            self.stream = cuda.stream()
-            self.buffers = {name: DeviceBuffer(cuda, (rows, *arrays[name].shape[1:]), trt.nptype(inputs[name].dtype))
-                            for name in inputs}
-
-        def get_batch_size(self):
-            return 1  # explicit batch: the batch is in the shapes
-
-        def get_batch(self, names):
-            if self.start + rows > total:
-                return None
-            for name in names:
-                buffer = self.buffers[name]
-                np.copyto(buffer.host, arrays[name][self.start:self.start + rows], casting="unsafe")
-                cuda.to_device(buffer.ptr, buffer.host, self.stream)
-            cuda.synchronize(self.stream)
-            self.start += rows
-            return [self.buffers[name].ptr for name in names]
-
-        def read_calibration_cache(self):
-            return cache_path.read_bytes() if cache_path.is_file() else None
-
-        def write_calibration_cache(self, cache):
-            with staged_file(cache_path) as tmp:
-                tmp.write_bytes(bytes(cache))
-
-    return Calibrator()
+    return make_calibrator(plan.options.calibration_data, plan.manifest, rows, plan.calibration_cache, cuda=cuda)
 
 
 def _configure(trt, builder, network, plan: EnginePlan, cuda):
@@ -173,7 +129,7 @@ def _configure(trt, builder, network, plan: EnginePlan, cuda):
         profiles.append(optimization_profile)
     calibrator = None
     if route.int8_source is Int8Source.CALIBRATOR:
-        calibrator = _make_calibrator(trt, cuda, plan, network)
+        calibrator = _make_calibrator(cuda, plan)
         config.int8_calibrator = calibrator
         if profiles:
             config.set_calibration_profile(profiles[0])
@@ -240,8 +196,7 @@ def build_engine(directory: str | Path, out_dir: str | Path | None = None,
                  device.name)
         serialized = builder.build_serialized_network(network, config)
         if calibrator is not None:
-            for buffer in calibrator.buffers.values():
-                buffer.free()
+            calibrator.free()
         if serialized is None:
             raise CfgExportError(f"TensorRT {trt.__version__} could not build the engine (its log above says why); "
                                  f"try a larger --workspace, --keep-fp32 for the failing layer, or an FP32 build")
