@@ -55,3 +55,19 @@ def tiny_artifacts(tmp_path_factory):
     export_onnx("tests.models:conv2d", root / "static2", batch=2)
     export_onnx("tests.models:conv1d", root / "audio")
     return root
+
+
+def run_without(package: str, code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter in which importing `package` fails."""
+    import textwrap
+
+    block = textwrap.dedent(f"""
+        import importlib, pkgutil, sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == {package!r} or name.startswith({package!r} + "."):
+                    raise ImportError({package!r} + " is blocked for this test")
+        sys.meta_path.insert(0, Block())
+    """)
+    return subprocess.run([sys.executable, "-c", block + textwrap.dedent(code)], cwd=ROOT,
+                          capture_output=True, text=True)

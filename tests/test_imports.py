@@ -1,23 +1,9 @@
 """runtime/ and calibration/ never import torch; the CLI imports without torch too."""
-import subprocess
-import sys
-import textwrap
-
-from tests.conftest import ROOT
-
-BLOCK_TORCH = textwrap.dedent("""
-    import importlib, pkgutil, sys
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked for this test")
-    sys.meta_path.insert(0, BlockTorch())
-""")
+from tests.conftest import run_without
 
 
-def run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_TORCH + textwrap.dedent(code)], cwd=ROOT,
-                          capture_output=True, text=True)
+def run(code: str):
+    return run_without("torch", code)
 
 
 def test_runtime_and_calibration_import_without_torch():

@@ -1,9 +1,7 @@
 """The TensorRT 10 calibrator: importing its module needs no tensorrt, the factory without
 tensorrt is one line naming the extra, and its batching and cache logic, driven here by
 stand-ins for tensorrt and the CUDA API (a real build needs a GPU: not tested here)."""
-import subprocess
 import sys
-import textwrap
 import types
 
 import numpy as np
@@ -12,21 +10,10 @@ import pytest
 from calibration.trt_calibrator import batch_slices, make_calibrator
 from runtime.errors import CfgExportError
 from runtime.manifest import read_manifest
-from tests.conftest import ROOT
+from tests.conftest import run_without
 
-BLOCK_TENSORRT = textwrap.dedent("""
-    import sys
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "tensorrt" or name.startswith("tensorrt."):
-                raise ImportError("tensorrt is blocked for this test")
-    sys.meta_path.insert(0, Block())
-""")
-
-
-def run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCK_TENSORRT + textwrap.dedent(code)], cwd=ROOT,
-                          capture_output=True, text=True)
+def run(code: str):
+    return run_without("tensorrt", code)
 
 
 def test_import_does_not_import_tensorrt():
