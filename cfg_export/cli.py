@@ -90,11 +90,11 @@ def onnx_command(model, out_dir, fuse_guidance, batch, opset, no_check, toleranc
         say(f"note: {note}")
     for c in result.checks:
         say(f"check N={c.batch}: ONNX Runtime vs PyTorch max abs error {c.max_abs:.3e}, "
-                   f"max relative error {c.max_rel:.3e}")
+            f"max relative error {c.max_rel:.3e}")
     m = result.manifest
     say(f"wrote {result.directory / m.model_file} and manifest.json ({m.layout.value} layout, "
-               f"opset {m.opset}, {'batch N=' + str(m.batch) if m.batch else 'dynamic batch'}) "
-               f"in {result.seconds:.1f} s")
+        f"opset {m.opset}, {'batch N=' + str(m.batch) if m.batch else 'dynamic batch'}) "
+        f"in {result.seconds:.1f} s")
 
 
 @main.command("trt")
