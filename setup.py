@@ -15,6 +15,12 @@ EXTRAS = {
     "dev": ["pytest>=7", "diffusers>=0.30", "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm"],
 }
 
+# The repository keeps runtime/ and calibration/ at the top (runtime/ is what gets copied
+# onto a board and run as `python -m runtime`); installed, they live inside cfg_export.
+PACKAGE_DIR = {"cfg_export": "cfg_export", "cfg_export.runtime": "runtime", "cfg_export.calibration": "calibration"}
+PACKAGES = (find_packages(include=["cfg_export", "cfg_export.*"])
+            + [f"cfg_export.{p}" for p in find_packages(include=["runtime", "runtime.*", "calibration", "calibration.*"])])
+
 setup(
     name="cfg-export",
     version="0.1.0",
@@ -22,8 +28,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["cfg_export", "cfg_export.*", "runtime", "runtime.*",
-                                    "calibration", "calibration.*"]),
+    # runtime/ and calibration/ install as cfg_export.runtime and cfg_export.calibration: generic
+    # top-level names like `runtime` would collide with other projects' modules in site-packages.
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     install_requires=["numpy>=1.22", "click>=8.0", "pillow>=9.0"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["cfg-export=cfg_export.cli:main"]},

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from cfg_export.export import example_inputs
 from cfg_export.fp16 import convert_fp16
-from runtime.pipeline import open_artifact
+from cfg_export.runtime.pipeline import open_artifact
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:

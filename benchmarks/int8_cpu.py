@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.data import read_calibration
-from calibration.quantize import QuantizeOptions, quantize_artifact
-from calibration.record import record_calibration
-from calibration.report import measure_quality
-from runtime.backends.onnxrt import OnnxRuntimeBackend
-from runtime.guidance import mix
-from runtime.pipeline import open_artifact, sample_guided
+from cfg_export.calibration.data import read_calibration
+from cfg_export.calibration.quantize import QuantizeOptions, quantize_artifact
+from cfg_export.calibration.record import record_calibration
+from cfg_export.calibration.report import measure_quality
+from cfg_export.runtime.backends.onnxrt import OnnxRuntimeBackend
+from cfg_export.runtime.guidance import mix
+from cfg_export.runtime.pipeline import open_artifact, sample_guided
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER = ROOT / "examples" / "digits" / "classifier" / "classifier.onnx"
@@ -176,7 +176,7 @@ def main() -> None:
         print("\n".join("  " + line for line in report.lines(every=5)))
 
     if args.sensitivity:
-        from calibration.sensitivity import layer_sensitivity
+        from cfg_export.calibration.sensitivity import layer_sensitivity
 
         print("\nlayer sensitivity (default recipe's INT8 layers, one at a time):")
         print("\n".join("  " + line for line in layer_sensitivity(args.fp32, calib).lines(top=12)))

@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from runtime.backends import make_backend
-from runtime.pipeline import open_artifact, sample_guided
+from cfg_export.runtime.backends import make_backend
+from cfg_export.runtime.pipeline import open_artifact, sample_guided
 
 
 def time_calls(backend, feeds_list, repeats: int) -> float:

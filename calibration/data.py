@@ -12,9 +12,9 @@ from typing import Iterator
 
 import numpy as np
 
-from calibration.record import MANIFEST_ENTRY, MIN_STEPS, CalibrationManifest
-from runtime.errors import CfgExportError
-from runtime.manifest import Manifest
+from cfg_export.calibration.record import MANIFEST_ENTRY, MIN_STEPS, CalibrationManifest
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import logging
 from collections import defaultdict
 from typing import Sequence
 
-from runtime.errors import CfgExportError
+from cfg_export.runtime.errors import CfgExportError
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def norm_nodes(graph) -> set[int]:
 def full_resolution_convs(model, sample: str) -> set[int]:
     """Returns the indices of the convolutions whose input has the spatial size of the graph
     input `sample` (from ONNX shape inference with data propagation; unknown sizes never match)."""
-    from runtime.errors import require
+    from cfg_export.runtime.errors import require
 
     onnx = require("onnx", "quantize")
     try:

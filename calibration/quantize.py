@@ -32,12 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from calibration.data import CalibrationData, read_calibration
-from calibration.nodes import select_float_nodes
-from runtime.errors import CfgExportError, require
-from runtime.files import staged_dir
-from runtime.manifest import METADATA_KEY, Manifest
-from runtime.schedule import parse_enum
+from cfg_export.calibration.data import CalibrationData, read_calibration
+from cfg_export.calibration.nodes import select_float_nodes
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.files import staged_dir
+from cfg_export.runtime.manifest import METADATA_KEY, Manifest
+from cfg_export.runtime.schedule import parse_enum
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ def quantize_artifact(directory: str | Path, calib: str | Path, out_dir: str | P
     The model's inputs and outputs stay float32 [2N, ...] (stacked) as in the source.
     progress(done, total) is called after each recorded step is calibrated.
     """
-    from runtime.pipeline import open_artifact
+    from cfg_export.runtime.pipeline import open_artifact
 
     start = time.perf_counter()
     options = options or QuantizeOptions()
@@ -301,7 +301,7 @@ def _quiet_root_logger(fn):
 def _check_runs(directory: Path, manifest: Manifest, data: CalibrationData) -> None:
     """Opens the new artifact with the runtime's ONNX Runtime CPU backend (which checks the
     ONNX metadata against the manifest) and runs the first recorded step through it."""
-    from runtime.backends.onnxrt import OnnxRuntimeBackend
+    from cfg_export.runtime.backends.onnxrt import OnnxRuntimeBackend
 
     feeds = next(data.batches())
     with OnnxRuntimeBackend(directory / manifest.model_file, manifest) as backend:

@@ -25,8 +25,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.errors import CfgExportError
-from runtime.files import staged_file
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.files import staged_file
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def default_conditions(manifest, classes: Sequence[int] | None, n: int | None) -
     """Returns the labels [N] to record: each of `classes` (default every class of the
     model, when it has at most runtime.cli.MAX_DEFAULT_CLASSES) repeated n times (default
     DEFAULT_IMAGES_PER_CLASS)."""
-    from runtime.manifest import ConditionKind
+    from cfg_export.runtime.manifest import ConditionKind
 
     condition = manifest.facts.condition
     if condition.kind is not ConditionKind.CLASS:
@@ -118,7 +118,7 @@ def default_conditions(manifest, classes: Sequence[int] | None, n: int | None) -
     if n < 1:
         raise CfgExportError(f"--n: got {n}, expected at least 1 image per class")
     if classes is None:
-        from runtime.cli import MAX_DEFAULT_CLASSES  # the sample command's limit, for the same reason
+        from cfg_export.runtime.cli import MAX_DEFAULT_CLASSES  # the sample command's limit, for the same reason
 
         if condition.num_classes > MAX_DEFAULT_CLASSES:
             raise CfgExportError(f"this model has {condition.num_classes} classes: pick the ones to record "
@@ -146,7 +146,7 @@ def record_calibration(directory: str | Path, out: str | Path, *, classes: Seque
     """
     import time
 
-    from runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, open_artifact, sample_guided
+    from cfg_export.runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, open_artifact, sample_guided
 
     start = time.perf_counter()
     manifest = open_artifact(directory, backend)

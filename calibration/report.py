@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from calibration.record import DEFAULT_W, default_conditions
-from runtime.errors import CfgExportError, require
-from runtime.guidance import mix
-from runtime.manifest import Layout
+from cfg_export.calibration.record import DEFAULT_W, default_conditions
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.guidance import mix
+from cfg_export.runtime.manifest import Layout
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,8 @@ def measure_quality(fp32_dir: str | Path, int8_dir: str | Path, *, classes: Sequ
     layout, class labels): `classes` (default all) x `n` images (default 4 per class) at
     guidance weight w (default: the calibration's, else 3), the sampler's defaults for steps and sampler, seed
     (default 1234). With `classifier`, the class accuracy of both sample sets."""
-    from runtime.backends.onnxrt import OnnxRuntimeBackend
-    from runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, open_artifact, sample_guided
+    from cfg_export.runtime.backends.onnxrt import OnnxRuntimeBackend
+    from cfg_export.runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, open_artifact, sample_guided
 
     fp32_manifest, int8_manifest = open_artifact(fp32_dir), open_artifact(int8_dir)
     if fp32_manifest.layout is not Layout.STACKED or int8_manifest.layout is not Layout.STACKED:

@@ -17,11 +17,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from calibration.data import read_calibration
-from calibration.quantize import DEFAULT_OP_TYPES, QuantizeOptions, quantize_model
-from runtime.errors import CfgExportError, require
-from runtime.guidance import mix
-from runtime.manifest import Layout
+from cfg_export.calibration.data import read_calibration
+from cfg_export.calibration.quantize import DEFAULT_OP_TYPES, QuantizeOptions, quantize_model
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.guidance import mix
+from cfg_export.runtime.manifest import Layout
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def layer_sensitivity(directory: str | Path, calib: str | Path, options: Quantiz
     of `nodes` (default: those of the quantized op types that the keep list of `options`
     does not keep), the relative error of the guided eps (w of the calibration file) at
     `eval_steps` (default 6) recorded steps spread from the first to the last."""
-    from calibration.nodes import select_float_nodes
-    from runtime.pipeline import open_artifact
+    from cfg_export.calibration.nodes import select_float_nodes
+    from cfg_export.runtime.pipeline import open_artifact
 
     options = options or QuantizeOptions()
     source = open_artifact(directory)

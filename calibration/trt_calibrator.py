@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.data import read_calibration
-from runtime.errors import CfgExportError, require
-from runtime.files import staged_file
-from runtime.manifest import Manifest
+from cfg_export.calibration.data import read_calibration
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.files import staged_file
+from cfg_export.runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,14 @@ def make_calibrator(calib: str | Path, manifest: Manifest, rows: int, cache: str
     arrays = {name: np.ascontiguousarray(data.arrays[name]) for name in names}
     cache = Path(cache)
     if cuda is None:
-        from runtime.backends.device_memory import open_cuda
+        from cfg_export.runtime.backends.device_memory import open_cuda
 
         cuda = open_cuda()
 
     class Calibrator(base):
         def __init__(self):
             base.__init__(self)
-            from runtime.backends.device_memory import DeviceBuffer
+            from cfg_export.runtime.backends.device_memory import DeviceBuffer
 
             self.next = 0
             self.batches = slices

@@ -25,14 +25,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.backends import BACKENDS, make_backend
-from runtime.conditions import load_null_embedding
-from runtime.errors import CfgExportError
-from runtime.guidance import GuidanceOptions, GuidedDenoiser, mix, to_eps
-from runtime.manifest import ConditionKind, Layout, Manifest
-from runtime.pipeline import open_artifact
-from runtime.samplers import sample_ddim
-from runtime.schedule import make_timesteps
+from cfg_export.runtime.backends import BACKENDS, make_backend
+from cfg_export.runtime.conditions import load_null_embedding
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser, mix, to_eps
+from cfg_export.runtime.manifest import ConditionKind, Layout, Manifest
+from cfg_export.runtime.pipeline import open_artifact
+from cfg_export.runtime.samplers import sample_ddim
+from cfg_export.runtime.schedule import make_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _bench_artifact(directory: Path, manifest: Manifest, backend_name: str, batc
 def _bench_torch(model: str, manifest: Manifest, batches, steps, warmup):
     """The diffusers-style eager loop users write: cat, call, chunk, mix, scheduler step."""
     from cfg_export.loading import load_model
-    from runtime.errors import require
+    from cfg_export.runtime.errors import require
 
     torch = require("torch", "export")
     loaded = load_model(model)
@@ -255,7 +255,7 @@ def run_bench(directories: Sequence[str | Path], batches: Sequence[int] | None =
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise CfgExportError(f"mode: got {bad[0]!r}, expected one of {', '.join(MODES)}")
-    from runtime.backends.onnxrt import cuda_available
+    from cfg_export.runtime.backends.onnxrt import cuda_available
 
     available = ["onnxruntime-cpu"] + (["onnxruntime-cuda"] if cuda_available() else [])
     backends = list(backends or available)

@@ -11,7 +11,7 @@ import logging
 import click
 
 from cfg_export import __version__
-from runtime.errors import CfgExportError
+from cfg_export.runtime.errors import CfgExportError
 
 
 class _Group(click.Group):
@@ -169,7 +169,7 @@ def trt_command(directory, out_dir, print_trtexec, trt_version, no_gpu_fallback,
 @click.pass_context
 def sample_command(ctx):
     """Guided sampling from an artifact (same as `python -m runtime sample`; --help for options)."""
-    from runtime.cli import main as runtime_main
+    from cfg_export.runtime.cli import main as runtime_main
 
     ctx.exit(runtime_main(["sample", *ctx.args], prog="cfg-export"))
 
@@ -219,8 +219,8 @@ def calibrate_command(directory, out_path, sampler, steps, w, classes, n, seed, 
     (source model sha256, sampler, steps, w, seed, recorded steps): it is refused for
     any other model. Use it with cfg-export quantize, or cfg-export trt --calibration-data.
     """
-    from calibration.record import record_calibration
-    from runtime.pipeline import DEFAULT_STEPS
+    from cfg_export.calibration.record import record_calibration
+    from cfg_export.runtime.pipeline import DEFAULT_STEPS
 
     try:
         labels = [int(v) for v in classes.split(",")] if classes else None
@@ -265,7 +265,7 @@ def quantize_command(directory, calib, out_dir, method, keep_fp32, quantize_all,
     Runtime runs on the CPU and TensorRT builds as INT8:
     cfg-export trt DIR --int8 --int8-onnx OUT/model.onnx.
     """
-    from calibration.quantize import QuantizeOptions, quantize_artifact
+    from cfg_export.calibration.quantize import QuantizeOptions, quantize_artifact
 
     if quantize_all and keep_fp32:
         raise CfgExportError("--quantize-all and --keep-fp32: give one of the two")
@@ -283,8 +283,8 @@ def quantize_command(directory, calib, out_dir, method, keep_fp32, quantize_all,
         f"{len(result.quantized)} layers in INT8, {len(result.kept)} nodes left in float; {q['method']} ranges from "
         f"{q['calibration_steps']} recorded steps) in {result.seconds:.1f} s")
     if report:
-        from calibration.report import measure_quality
-        from runtime.pipeline import DEFAULT_STEPS
+        from cfg_export.calibration.report import measure_quality
+        from cfg_export.runtime.pipeline import DEFAULT_STEPS
 
         total = report_steps or DEFAULT_STEPS
         with _ProgressBar("measuring") as bar:
@@ -297,7 +297,7 @@ def quantize_command(directory, calib, out_dir, method, keep_fp32, quantize_all,
 def _write_json(data, path: str) -> None:
     import json
 
-    from runtime.files import staged_file
+    from cfg_export.runtime.files import staged_file
 
     with staged_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")

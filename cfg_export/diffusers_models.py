@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from cfg_export.loading import CONFIG_NAME, LoadedModel
-from runtime.errors import CfgExportError, require
-from runtime.manifest import ModelFacts
-from runtime.schedule import BetaSchedule
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.manifest import ModelFacts
+from cfg_export.runtime.schedule import BetaSchedule
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from cfg_export import __version__
 from cfg_export.engine_plan import EngineOptions, EnginePlan, plan_engine, rebuild_command
-from runtime.engine import ENGINE_MANIFEST
-from runtime.errors import CfgExportError, require
-from runtime.files import sha256_file, staged_file
-from runtime.trt_compat import DeviceInfo, Int8Source, TrtVersion
+from cfg_export.runtime.engine import ENGINE_MANIFEST
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.files import sha256_file, staged_file
+from cfg_export.runtime.trt_compat import DeviceInfo, Int8Source, TrtVersion
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _constrain_fp32(trt, network, plan: EnginePlan) -> int:
 def _make_calibrator(cuda, plan: EnginePlan):
     """Returns TensorRT 10's entropy calibrator over the calibration file, checked against
     the artifact it was recorded from, in batches of the first profile's opt rows."""
-    from calibration.trt_calibrator import make_calibrator
+    from cfg_export.calibration.trt_calibrator import make_calibrator
 
     rows = plan.profiles[0].rows[1] if plan.profiles else plan.manifest.batch * plan.manifest.rows_per_image
     return make_calibrator(plan.options.calibration_data, plan.manifest, rows, plan.calibration_cache, cuda=cuda)
@@ -171,7 +171,7 @@ def build_engine(directory: str | Path, out_dir: str | Path | None = None,
     file, when tensorrt or a GPU is missing or the build fails.
     """
     trt = import_tensorrt()
-    from runtime.backends.device_memory import open_cuda
+    from cfg_export.runtime.backends.device_memory import open_cuda
 
     start = time.perf_counter()
     plan = plan_engine(directory, out_dir, trt.__version__, options)
@@ -217,7 +217,7 @@ def build_engine(directory: str | Path, out_dir: str | Path | None = None,
 
 def _engine_manifest(plan: EnginePlan, trt_version: str, device: DeviceInfo, source: Path, result: EngineResult):
     """The engine's manifest: the ONNX manifest's facts and I/O, with the engine facts."""
-    from runtime.engine import ENGINE_FILE
+    from cfg_export.runtime.engine import ENGINE_FILE
 
     options = plan.options
     engine = {

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from runtime.engine import ENGINE_FILE, ENGINE_MANIFEST, Profile, make_profiles, shapes_text
-from runtime.errors import CfgExportError
-from runtime.manifest import Manifest, read_manifest, verify_model_file
-from runtime.trt_compat import (Fp16Source, HardwareCompat, Int8Source, Route, TrtVersion, check_build_options,
+from cfg_export.runtime.engine import ENGINE_FILE, ENGINE_MANIFEST, Profile, make_profiles, shapes_text
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import Manifest, read_manifest, verify_model_file
+from cfg_export.runtime.trt_compat import (Fp16Source, HardwareCompat, Int8Source, Route, TrtVersion, check_build_options,
                                 choose_route)
-from runtime.schedule import parse_enum
+from cfg_export.runtime.schedule import parse_enum
 
 FP16_MODEL_FILE = "model.fp16.onnx"  # the FP16-typed ONNX of the strongly typed route
 CALIBRATION_CACHE = "calibration.cache"  # the implicit calibrator's ranges (TensorRT 10)
@@ -134,7 +134,7 @@ def plan_engine(directory: str | Path, out_dir: str | Path | None = None, trt_ve
 def _keep_names(plan: EnginePlan) -> list[str]:
     """The ONNX node names the builder-flag route constrains to FP32."""
     from cfg_export.fp16 import kept_float_nodes
-    from runtime.errors import require
+    from cfg_export.runtime.errors import require
 
     onnx = require("onnx", "export")
     return [node.name for node in kept_float_nodes(onnx.load(str(plan.onnx_path)), plan.keep_fp32)]

@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.errors import CfgExportError, require
-from runtime.pipeline import open_artifact, sample_guided
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.pipeline import open_artifact, sample_guided
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from cfg_export import __version__
 from cfg_export.loading import LoadedModel, load_model
-from runtime.errors import CfgExportError, require
-from runtime.files import staged_dir
-from runtime.manifest import METADATA_KEY, ConditionKind, Layout, Manifest, TensorSpec, parse_enum
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.files import staged_dir
+from cfg_export.runtime.manifest import METADATA_KEY, ConditionKind, Layout, Manifest, TensorSpec, parse_enum
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Sequence
 
 import numpy as np
 
-from calibration.nodes import expand_keep, select_nodes
-from runtime.errors import CfgExportError, require
-from runtime.files import staged_file
+from cfg_export.calibration.nodes import expand_keep, select_nodes
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.files import staged_file
 
 log = logging.getLogger(__name__)
 

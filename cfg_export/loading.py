@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import CfgExportError, require
-from runtime.manifest import ModelFacts
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.manifest import ModelFacts
 
 log = logging.getLogger(__name__)
 

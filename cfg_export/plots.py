@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from runtime.errors import require
-from runtime.files import staged_file
+from cfg_export.runtime.errors import require
+from cfg_export.runtime.files import staged_file
 
 
 def _pyplot():

@@ -8,8 +8,8 @@ import inspect
 
 import torch
 
-from runtime.errors import CfgExportError
-from runtime.manifest import ModelFacts
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import ModelFacts
 
 EXPECTED_SIGNATURE = "forward(sample, timestep, cond) -> eps"
 

@@ -9,12 +9,12 @@ import time
 
 import numpy as np
 
-from runtime.backends import BACKENDS
-from runtime.errors import CfgExportError
-from runtime.guidance import GuidanceOptions, WSchedule
-from runtime.manifest import ConditionKind, Manifest
-from runtime.samplers import SAMPLERS
-from runtime.schedule import Spacing
+from .backends import BACKENDS
+from .errors import CfgExportError
+from .guidance import GuidanceOptions, WSchedule
+from .manifest import ConditionKind, Manifest
+from .samplers import SAMPLERS
+from .schedule import Spacing
 
 
 def _floats(text: str) -> list[float]:
@@ -110,7 +110,7 @@ def _load_npy(path: str, option: str) -> np.ndarray:
 def _conditions(args, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Returns (cond, negative or None, rows): the conditions from --classes or --cond and
     the negative ones, each repeated --n times, and the number of conditions (grid rows)."""
-    from runtime.conditions import check_embeddings
+    from .conditions import check_embeddings
 
     negatives = None
     if manifest.facts.condition.kind is ConditionKind.EMBEDDING:
@@ -150,8 +150,8 @@ def _conditions(args, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None
 
 
 def run_sample(args) -> int:
-    from runtime.images import check_drawable, save_grid, save_npy
-    from runtime.pipeline import DEFAULT_STEPS, open_artifact, sample_guided
+    from .images import check_drawable, save_grid, save_npy
+    from .pipeline import DEFAULT_STEPS, open_artifact, sample_guided
 
     if args.out is None and args.npy is None:
         raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy")

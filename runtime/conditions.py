@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import CfgExportError
-from runtime.manifest import ConditionKind, Manifest
+from .errors import CfgExportError
+from .manifest import ConditionKind, Manifest
 
 
 def _embedding_shape(manifest: Manifest) -> tuple[int, ...]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import CfgExportError
-from runtime.manifest import MANIFEST_NAME, Layout, Manifest, TensorSpec, read_manifest
+from .errors import CfgExportError
+from .manifest import MANIFEST_NAME, Layout, Manifest, TensorSpec, read_manifest
 
 ENGINE_FILE = "model.engine"
 ENGINE_MANIFEST = "engine.json"

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from runtime.errors import CfgExportError
+from .errors import CfgExportError
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -14,10 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.backends.base import Backend
-from runtime.errors import CfgExportError
-from runtime.manifest import ConditionKind, Layout, Manifest, Prediction
-from runtime.schedule import parse_enum
+from .backends.base import Backend
+from .errors import CfgExportError
+from .manifest import ConditionKind, Layout, Manifest, Prediction
+from .schedule import parse_enum
 
 log = logging.getLogger(__name__)
 

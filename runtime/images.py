@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import CfgExportError
-from runtime.files import staged_file
+from .errors import CfgExportError
+from .files import staged_file
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:

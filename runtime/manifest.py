@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from runtime.errors import CfgExportError
-from runtime.files import sha256_file, staged_file
-from runtime.schedule import NoiseSchedule, parse_enum
+from .errors import CfgExportError
+from .files import sha256_file, staged_file
+from .schedule import NoiseSchedule, parse_enum
 
 FORMAT = "cfg-export/1"
 MANIFEST_NAME = "manifest.json"

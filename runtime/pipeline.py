@@ -10,13 +10,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from runtime.backends import make_backend
-from runtime.conditions import check_embeddings, load_null_embedding, rows_for
-from runtime.errors import CfgExportError
-from runtime.guidance import GuidanceOptions, GuidedDenoiser
-from runtime.manifest import ConditionKind, Layout, Manifest, verify_model_file
-from runtime.samplers import get_sampler
-from runtime.schedule import make_timesteps
+from .backends import make_backend
+from .conditions import check_embeddings, load_null_embedding, rows_for
+from .errors import CfgExportError
+from .guidance import GuidanceOptions, GuidedDenoiser
+from .manifest import ConditionKind, Layout, Manifest, verify_model_file
+from .samplers import get_sampler
+from .schedule import make_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class SampleResult:
 def open_artifact(directory: str | Path, backend: str | None = None) -> Manifest:
     """Returns the manifest of an artifact folder after checking the model file's sha256
     (engine.json for the tensorrt backend or a folder holding only an engine)."""
-    from runtime.engine import read_artifact_manifest
+    from .engine import read_artifact_manifest
 
     manifest = read_artifact_manifest(directory, backend)
     verify_model_file(manifest, directory)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.errors import CfgExportError
+from .errors import CfgExportError
 
 
 class BetaSchedule(enum.Enum):

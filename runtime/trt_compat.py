@@ -16,7 +16,7 @@ import enum
 import re
 from dataclasses import dataclass
 
-from runtime.errors import CfgExportError
+from .errors import CfgExportError
 
 MIN_VERSION_TEXT = "8.6"  # the first with builder_optimization_level, hardware and version compatibility
 TYPED_ONLY_MAJOR = 11  # from here on, every network is strongly typed

@@ -16,7 +16,7 @@ import types
 
 import numpy as np
 
-from runtime.trt_compat import DeviceInfo
+from cfg_export.runtime.trt_compat import DeviceInfo
 
 MEMORY: dict[int, np.ndarray] = {}  # fake device memory: pointer -> bytes
 LAST_BUILD: dict = {}

@@ -9,11 +9,11 @@ def run(code: str):
 def test_runtime_and_calibration_import_without_torch():
     proc = run("""
         names = []
-        for package in ("runtime", "calibration"):
+        for package in ("cfg_export.runtime", "cfg_export.calibration"):
             module = importlib.import_module(package)
             names.append(package)
             for info in pkgutil.walk_packages(module.__path__, package + "."):
-                if info.name != "runtime.__main__":
+                if info.name != "cfg_export.runtime.__main__":
                     importlib.import_module(info.name)
                     names.append(info.name)
         assert "torch" not in sys.modules
@@ -21,7 +21,7 @@ def test_runtime_and_calibration_import_without_torch():
     """)
     assert proc.returncode == 0, proc.stderr
     count, names = proc.stdout.split(" ", 1)
-    assert int(count) >= 10 and "runtime.pipeline" in names and "runtime.backends.onnxrt" in names
+    assert int(count) >= 10 and "cfg_export.runtime.pipeline" in names and "cfg_export.runtime.backends.onnxrt" in names
 
 
 def test_blocker_really_blocks_torch():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.backends.base import Backend
-from runtime.errors import CfgExportError
-from runtime.manifest import Manifest
+from .base import Backend
+from ..errors import CfgExportError
+from ..manifest import Manifest
 
 BACKENDS = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt")
 
@@ -20,11 +20,11 @@ def make_backend(name: str | None, manifest: Manifest, directory: str | Path) ->
     name = name or "auto"
     if name not in BACKENDS:
         raise CfgExportError(f"backend: got {name!r}, expected one of {', '.join(BACKENDS)}")
-    from runtime.engine import engine_only, read_engine_manifest
+    from ..engine import engine_only, read_engine_manifest
 
     if name == "tensorrt" or (name == "auto" and engine_only(directory)):
-        from runtime.backends.trt import TensorRTBackend
-        from runtime.manifest import verify_model_file
+        from .trt import TensorRTBackend
+        from ..manifest import verify_model_file
 
         if manifest.engine is None:
             manifest = read_engine_manifest(directory)
@@ -32,10 +32,10 @@ def make_backend(name: str | None, manifest: Manifest, directory: str | Path) ->
     if manifest.engine is not None:
         raise CfgExportError(f"backend {name}: {directory} holds a TensorRT engine, not an ONNX model; "
                              f"use --backend tensorrt, or point at the folder made by cfg-export onnx")
-    from runtime.backends.onnxrt import OnnxRuntimeBackend, cuda_available
+    from .onnxrt import OnnxRuntimeBackend, cuda_available
 
     if name == "onnxruntime-tensorrt":
-        from runtime.backends.onnxrt_trt import OnnxRuntimeTensorRTBackend
+        from .onnxrt_trt import OnnxRuntimeTensorRTBackend
 
         return OnnxRuntimeTensorRTBackend(Path(directory) / manifest.model_file, manifest)
 

@@ -7,8 +7,8 @@ import time
 
 import numpy as np
 
-from runtime.errors import CfgExportError
-from runtime.manifest import Manifest, TensorSpec
+from ..errors import CfgExportError
+from ..manifest import Manifest, TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import logging
 
 import numpy as np
 
-from runtime.errors import CfgExportError
-from runtime.trt_compat import DeviceInfo
+from ..errors import CfgExportError
+from ..trt_compat import DeviceInfo
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import Backend, describe_differences
-from runtime.errors import CfgExportError, require
-from runtime.manifest import Manifest, TensorSpec, compare_metadata
+from .base import Backend, describe_differences
+from ..errors import CfgExportError, require
+from ..manifest import Manifest, TensorSpec, compare_metadata
 
 log = logging.getLogger(__name__)
 

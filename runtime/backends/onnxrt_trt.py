@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.backends.onnxrt import OnnxRuntimeBackend
-from runtime.engine import input_shape, resolve_batches, shapes_text
-from runtime.errors import CfgExportError
-from runtime.manifest import Manifest
+from .onnxrt import OnnxRuntimeBackend
+from ..engine import input_shape, resolve_batches, shapes_text
+from ..errors import CfgExportError
+from ..manifest import Manifest
 
 CACHE_DIR = "ort-trt-cache"  # beside model.onnx unless given
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import Backend, describe_differences
-from runtime.backends.device_memory import DeviceBuffer, open_cuda
-from runtime.engine import engine_profiles, input_shape, pick_profile
-from runtime.errors import CfgExportError, require
-from runtime.manifest import Manifest, TensorSpec
-from runtime.trt_compat import INT64_IO_SINCE, DeviceInfo, TrtVersion, check_engine
+from .base import Backend, describe_differences
+from .device_memory import DeviceBuffer, open_cuda
+from ..engine import engine_profiles, input_shape, pick_profile
+from ..errors import CfgExportError, require
+from ..manifest import Manifest, TensorSpec
+from ..trt_compat import INT64_IO_SINCE, DeviceInfo, TrtVersion, check_engine
 
 log = logging.getLogger(__name__)
 

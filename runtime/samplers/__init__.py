@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from runtime.errors import CfgExportError
-from runtime.samplers.ddim import sample_ddim
-from runtime.samplers.ddpm import sample_ddpm
-from runtime.samplers.dpmpp_2m import sample_dpmpp_2m
+from ..errors import CfgExportError
+from .ddim import sample_ddim
+from .ddpm import sample_ddpm
+from .dpmpp_2m import sample_dpmpp_2m
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": sample_ddpm,

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtime.errors import CfgExportError
+from ..errors import CfgExportError
 
 #: denoise(x [N, ...] float32, t training timestep, cond) -> eps [N, ...]
 Denoise = Callable[[np.ndarray, int, Any], np.ndarray]

@@ -5,8 +5,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import CfgExportError
-from runtime.samplers.common import (Callback, Denoise, alphas_at, call_denoise, finish_step,
+from ..errors import CfgExportError
+from .common import (Callback, Denoise, alphas_at, call_denoise, finish_step,
                                      predict_x0, prepare)
 
 NAME = "ddim"

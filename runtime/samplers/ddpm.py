@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.samplers.common import (Callback, Denoise, alphas_at, call_denoise, finish_step,
+from .common import (Callback, Denoise, alphas_at, call_denoise, finish_step,
                                      predict_x0, prepare)
 
 NAME = "ddpm"

@@ -1,7 +1,7 @@
 """Calibration files and INT8 artifacts, built once per session (small N, few steps)."""
 import pytest
 
-from calibration.record import record_calibration
+from cfg_export.calibration.record import record_calibration
 
 TINY_STEPS = 10  # sampler steps of the tiny model's recordings (T = 100)
 DIGITS_STEPS = 10
@@ -25,6 +25,6 @@ def digits_calib(digits_artifact, tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_int8(digits_artifact, digits_calib, tmp_path_factory):
     """The reference model quantized with the default recipe."""
-    from calibration.quantize import quantize_artifact
+    from cfg_export.calibration.quantize import quantize_artifact
 
     return quantize_artifact(digits_artifact, digits_calib.path, tmp_path_factory.mktemp("int8") / "digits")

@@ -1,8 +1,8 @@
 """cfg-export calibrate and quantize end to end on the tiny model, in a subprocess."""
 import numpy as np
 
-from calibration.data import load_calibration
-from runtime.manifest import read_manifest
+from cfg_export.calibration.data import load_calibration
+from cfg_export.runtime.manifest import read_manifest
 from tests.conftest import run_cli
 
 

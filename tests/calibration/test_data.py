@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from calibration.data import load_calibration, read_calibration
-from calibration.quantize import QuantizeOptions, quantize_artifact
-from runtime.errors import CfgExportError
-from runtime.manifest import read_manifest
+from cfg_export.calibration.data import load_calibration, read_calibration
+from cfg_export.calibration.quantize import QuantizeOptions, quantize_artifact
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import read_manifest
 from tests.conftest import run_cli
 
 

@@ -5,8 +5,8 @@ import onnxruntime as ort
 import numpy as np
 import pytest
 
-from calibration.nodes import DEFAULT_KEEP_FLOAT, select_float_nodes
-from runtime.errors import CfgExportError
+from cfg_export.calibration.nodes import DEFAULT_KEEP_FLOAT, select_float_nodes
+from cfg_export.runtime.errors import CfgExportError
 
 
 @pytest.fixture(scope="module")

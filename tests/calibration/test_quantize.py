@@ -8,11 +8,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from calibration.quantize import QuantizeOptions, quantize_artifact
-from runtime.errors import CfgExportError
-from runtime.files import sha256_file
-from runtime.manifest import METADATA_KEY, read_manifest
-from runtime.pipeline import sample_guided
+from cfg_export.calibration.quantize import QuantizeOptions, quantize_artifact
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.files import sha256_file
+from cfg_export.runtime.manifest import METADATA_KEY, read_manifest
+from cfg_export.runtime.pipeline import sample_guided
 
 W = 3.0
 

@@ -7,10 +7,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from calibration.data import load_calibration
-from calibration.record import MIN_STEPS, pick_steps, record_calibration
-from runtime.errors import CfgExportError
-from runtime.manifest import read_manifest
+from cfg_export.calibration.data import load_calibration
+from cfg_export.calibration.record import MIN_STEPS, pick_steps, record_calibration
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import read_manifest
 from tests.calibration.conftest import TINY_STEPS
 
 NULL = 3  # tests.models: 3 classes, null class 3

@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from calibration.report import measure_quality
-from runtime.pipeline import sample_guided
+from cfg_export.calibration.report import measure_quality
+from cfg_export.runtime.pipeline import sample_guided
 from tests.conftest import ROOT
 
 CLASSIFIER = ROOT / "examples" / "digits" / "classifier" / "classifier.onnx"

@@ -7,9 +7,9 @@ import types
 import numpy as np
 import pytest
 
-from calibration.trt_calibrator import batch_slices, make_calibrator
-from runtime.errors import CfgExportError
-from runtime.manifest import read_manifest
+from cfg_export.calibration.trt_calibrator import batch_slices, make_calibrator
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import read_manifest
 from tests.conftest import run_without
 
 def run(code: str):
@@ -18,7 +18,7 @@ def run(code: str):
 
 def test_import_does_not_import_tensorrt():
     proc = run("""
-        import calibration.trt_calibrator, calibration.quantize, calibration.record, calibration.report
+        import cfg_export.calibration.trt_calibrator, cfg_export.calibration.quantize, cfg_export.calibration.record, cfg_export.calibration.report
         assert "tensorrt" not in sys.modules
         print("ok")
     """)
@@ -27,9 +27,9 @@ def test_import_does_not_import_tensorrt():
 
 def test_factory_without_tensorrt_names_the_extra(tiny_artifacts, tiny_calib):
     proc = run(f"""
-        from calibration.trt_calibrator import make_calibrator
-        from runtime.errors import CfgExportError
-        from runtime.manifest import read_manifest
+        from cfg_export.calibration.trt_calibrator import make_calibrator
+        from cfg_export.runtime.errors import CfgExportError
+        from cfg_export.runtime.manifest import read_manifest
         try:
             make_calibrator({str(tiny_calib.path)!r}, read_manifest({str(tiny_artifacts / "stacked")!r}), 12, "c.cache")
         except CfgExportError as exc:

@@ -7,7 +7,7 @@ import scipy.linalg
 
 from cfg_export.bench import parse_batches, run_bench
 from cfg_export.evaluate import evaluate_guidance, frechet_distance, inception_score
-from runtime.errors import CfgExportError
+from cfg_export.runtime.errors import CfgExportError
 from tests.conftest import run_cli
 
 

@@ -13,8 +13,8 @@ pytest.importorskip("diffusers")
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel  # noqa: E402
 
 from cfg_export.diffusers_models import SUPPORTED, load_diffusers  # noqa: E402
-from runtime.errors import CfgExportError  # noqa: E402
-from runtime.manifest import read_manifest  # noqa: E402
+from cfg_export.runtime.errors import CfgExportError  # noqa: E402
+from cfg_export.runtime.manifest import read_manifest  # noqa: E402
 from tests import tiny_diffusers  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 

@@ -13,9 +13,9 @@ pytest.importorskip("diffusers")
 from diffusers import (AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel,  # noqa: E402
                        DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel)
 
-from runtime.errors import CfgExportError  # noqa: E402
-from runtime.guidance import GuidanceOptions  # noqa: E402
-from runtime.pipeline import sample_guided  # noqa: E402
+from cfg_export.runtime.errors import CfgExportError  # noqa: E402
+from cfg_export.runtime.guidance import GuidanceOptions  # noqa: E402
+from cfg_export.runtime.pipeline import sample_guided  # noqa: E402
 from tests import tiny_diffusers  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 

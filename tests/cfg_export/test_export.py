@@ -10,8 +10,8 @@ import torch
 
 from cfg_export.export import export_onnx
 from cfg_export.loading import load_model
-from runtime.errors import CfgExportError
-from runtime.manifest import METADATA_KEY, read_manifest
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import METADATA_KEY, read_manifest
 from tests import models
 from tests.conftest import DIGITS, run_cli
 

@@ -9,19 +9,19 @@ import pytest
 
 from cfg_export.engine_build import build_engine
 from cfg_export.engine_plan import EngineOptions
-from runtime.backends import make_backend
-from runtime.engine import read_engine_manifest
-from runtime.errors import CfgExportError
-from runtime.files import sha256_file
-from runtime.guidance import GuidanceOptions
-from runtime.pipeline import sample_guided
+from cfg_export.runtime.backends import make_backend
+from cfg_export.runtime.engine import read_engine_manifest
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.files import sha256_file
+from cfg_export.runtime.guidance import GuidanceOptions
+from cfg_export.runtime.pipeline import sample_guided
 from tests.conftest import has_module, run_cli
 
 
 def _skip_reason():
     if not has_module("tensorrt"):
         return "tensorrt is not installed (pip install 'cfg-export[tensorrt]'; needs an NVIDIA GPU)"
-    from runtime.backends.device_memory import open_cuda
+    from cfg_export.runtime.backends.device_memory import open_cuda
 
     try:
         open_cuda().close()
@@ -86,7 +86,7 @@ def test_fp32_engine_matches_onnxruntime(fp32_engine, tiny_artifacts):
 
 
 def test_cuda_graphs_replay_the_same(fp32_engine):
-    from runtime.backends.trt import TensorRTBackend
+    from cfg_export.runtime.backends.trt import TensorRTBackend
 
     out, _ = fp32_engine
     m = read_engine_manifest(out)
@@ -143,8 +143,8 @@ def test_onnxruntime_tensorrt_provider(tiny_artifacts, tmp_path):
 
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         pytest.skip("this onnxruntime has no TensorRT execution provider")
-    from runtime.backends.onnxrt_trt import OnnxRuntimeTensorRTBackend
-    from runtime.manifest import read_manifest
+    from cfg_export.runtime.backends.onnxrt_trt import OnnxRuntimeTensorRTBackend
+    from cfg_export.runtime.manifest import read_manifest
 
     directory = tiny_artifacts / "stacked"
     m = read_manifest(directory)

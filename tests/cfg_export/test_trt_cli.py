@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cfg_export.cli import main
 from cfg_export.engine_plan import EngineOptions, plan_engine, rebuild_command
-from runtime.errors import CfgExportError
+from cfg_export.runtime.errors import CfgExportError
 from tests.conftest import has_module, run_cli
 
 # the tiny model's nodes the default list keeps in FP32: time and class embedding, first conv,

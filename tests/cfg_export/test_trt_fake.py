@@ -12,15 +12,15 @@ import pytest
 
 from cfg_export.engine_build import build_engine
 from cfg_export.engine_plan import EngineOptions
-from runtime.backends import device_memory
-from runtime.backends import trt as trt_backend
-from runtime.backends.trt import TensorRTBackend
-from runtime.engine import read_engine_manifest
-from runtime.errors import CfgExportError
-from runtime.files import sha256_file
-from runtime.guidance import GuidanceOptions
-from runtime.pipeline import sample_guided
-from runtime.trt_compat import DeviceInfo
+from cfg_export.runtime.backends import device_memory
+from cfg_export.runtime.backends import trt as trt_backend
+from cfg_export.runtime.backends.trt import TensorRTBackend
+from cfg_export.runtime.engine import read_engine_manifest
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.files import sha256_file
+from cfg_export.runtime.guidance import GuidanceOptions
+from cfg_export.runtime.pipeline import sample_guided
+from cfg_export.runtime.trt_compat import DeviceInfo
 from tests import fake_tensorrt
 from tests.cfg_export.test_trt_cli import TINY_KEPT
 from tests.fake_tensorrt import FakeCuda
@@ -121,7 +121,7 @@ def test_tensorrt_8_6_dla_and_compatibility(fake, artifact, tmp_path):
 
 
 def test_implicit_calibrator_on_tensorrt_10(fake, artifact, tmp_path):
-    from calibration.record import record_calibration
+    from cfg_export.calibration.record import record_calibration
 
     trt, _ = fake("10.3.0.30")
     data = tmp_path / "calib.npz"

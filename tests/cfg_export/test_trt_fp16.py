@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from cfg_export.export import export_onnx
 from cfg_export.fp16 import DEFAULT_KEEP_FP32, FP16_METADATA_KEY, convert_fp16, write_fp16_model
-from runtime.errors import CfgExportError
+from cfg_export.runtime.errors import CfgExportError
 from tests.conftest import DIGITS
 
 F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16

@@ -1,7 +1,7 @@
 """A backend for tests: records its feeds and answers with a function of them."""
 import numpy as np
 
-from runtime.backends.base import Backend
+from cfg_export.runtime.backends.base import Backend
 
 
 class RecordingBackend(Backend):

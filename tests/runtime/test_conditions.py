@@ -3,12 +3,12 @@ null rows of the stacked batch."""
 import numpy as np
 import pytest
 
-from runtime.conditions import check_embeddings, load_null_embedding, rows_for
-from runtime.errors import CfgExportError
-from runtime.guidance import GuidanceOptions, GuidedDenoiser
-from runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
-from runtime.pipeline import check_cond
-from runtime.schedule import NoiseSchedule
+from cfg_export.runtime.conditions import check_embeddings, load_null_embedding, rows_for
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser
+from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
+from cfg_export.runtime.pipeline import check_cond
+from cfg_export.runtime.schedule import NoiseSchedule
 from tests.runtime.fakes import RecordingBackend
 
 L, D = 3, 4

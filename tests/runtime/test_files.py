@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-from runtime.errors import CfgExportError
-from runtime.files import staged_dir, staged_file
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.files import staged_dir, staged_file
 
 
 def test_staged_file_success_and_failure(tmp_path):

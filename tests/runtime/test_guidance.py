@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from runtime.errors import CfgExportError
-from runtime.guidance import GuidanceOptions, GuidedDenoiser, check_w, dynamic_threshold, mix, to_eps
-from runtime.manifest import Condition, Layout, Manifest, ModelFacts, Prediction, TensorSpec
-from runtime.schedule import NoiseSchedule
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser, check_w, dynamic_threshold, mix, to_eps
+from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, Prediction, TensorSpec
+from cfg_export.runtime.schedule import NoiseSchedule
 from tests.runtime.fakes import RecordingBackend
 
 rng = np.random.default_rng(0)

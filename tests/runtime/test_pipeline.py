@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from runtime.errors import CfgExportError
-from runtime.guidance import GuidanceOptions
-from runtime.pipeline import sample_guided
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.guidance import GuidanceOptions
+from cfg_export.runtime.pipeline import sample_guided
 from tests.conftest import ROOT
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime.pipeline import sample_guided
+from cfg_export.runtime.pipeline import sample_guided
 from tests.conftest import ROOT
 
 CLASSIFIER = ROOT / "examples" / "digits" / "classifier" / "classifier.onnx"

@@ -18,9 +18,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers import scheduling_ddpm
 
-from runtime.errors import CfgExportError
-from runtime.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m
-from runtime.schedule import NoiseSchedule, make_timesteps
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from cfg_export.runtime.schedule import NoiseSchedule, make_timesteps
 
 T = 1000
 SCHEDULES = {
@@ -296,7 +296,7 @@ def test_nan_or_inf_names_sampler_and_step(name):
 
 
 def test_samplers_never_import_torch():
-    code = "import sys, runtime.samplers; assert 'torch' not in sys.modules, 'runtime.samplers imported torch'"
+    code = "import sys, cfg_export.runtime.samplers; assert 'torch' not in sys.modules, 'runtime.samplers imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 

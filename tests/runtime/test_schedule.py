@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from runtime.errors import CfgExportError
-from runtime.schedule import BetaSchedule, NoiseSchedule, Spacing, make_timesteps
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.schedule import BetaSchedule, NoiseSchedule, Spacing, make_timesteps
 
 # (kind, beta_start, beta_end, rtol): diffusers keeps betas and their cumprod in float32.
 # For the cosine schedule the last betas are near 0.999, where 1 - beta in float32 keeps

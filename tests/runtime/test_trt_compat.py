@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.backends.trt import compatibility_error
-from runtime.errors import CfgExportError
-from runtime.manifest import Manifest, read_manifest
-from runtime.trt_compat import (DeviceInfo, Fp16Source, HardwareCompat, Int8Source, TrtVersion, check_build_options,
+from cfg_export.runtime.backends.trt import compatibility_error
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import Manifest, read_manifest
+from cfg_export.runtime.trt_compat import (DeviceInfo, Fp16Source, HardwareCompat, Int8Source, TrtVersion, check_build_options,
                                 check_engine, choose_route, dla_supported)
 
 

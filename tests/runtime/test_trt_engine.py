@@ -6,13 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from runtime.backends import BACKENDS, make_backend
-from runtime.backends.onnxrt_trt import ort_tensorrt_options
-from runtime.engine import (ENGINE_FILE, ENGINE_MANIFEST, Profile, engine_only, engine_profiles, make_profiles,
+from cfg_export.runtime.backends import BACKENDS, make_backend
+from cfg_export.runtime.backends.onnxrt_trt import ort_tensorrt_options
+from cfg_export.runtime.engine import (ENGINE_FILE, ENGINE_MANIFEST, Profile, engine_only, engine_profiles, make_profiles,
                             pick_profile, read_artifact_manifest, read_engine_manifest, resolve_batches, shapes_text)
-from runtime.errors import CfgExportError
-from runtime.manifest import read_manifest
-from runtime.pipeline import open_artifact
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.runtime.manifest import read_manifest
+from cfg_export.runtime.pipeline import open_artifact
 from tests.conftest import has_module
 
 
@@ -184,7 +184,7 @@ def test_ort_tensorrt_backend_refuses_without_the_provider(tiny_artifacts):
 
 
 def test_cuda_without_a_gpu_names_the_fix():
-    from runtime.backends.device_memory import open_cuda
+    from cfg_export.runtime.backends.device_memory import open_cuda
 
     try:
         cuda = open_cuda()
