@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cfg_export.export import export_onnx  # noqa: E402
+from cfg_export.export.exporter import export_onnx  # noqa: E402
 from cfg_export.runtime.guidance import GuidanceOptions  # noqa: E402
 from cfg_export.runtime.pipeline import sample_guided  # noqa: E402
 from tests import tiny_diffusers  # noqa: E402

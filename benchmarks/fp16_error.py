@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from cfg_export.export import example_inputs
-from cfg_export.fp16 import convert_fp16
+from cfg_export.export.exporter import example_inputs
+from cfg_export.build.fp16 import convert_fp16
 from cfg_export.runtime.pipeline import open_artifact
 
 

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 from cfg_export.calibration.data import CalibrationData, read_calibration
 from cfg_export.calibration.nodes import select_float_nodes
+from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import staged_dir
 from cfg_export.runtime.manifest import METADATA_KEY, Manifest
@@ -213,30 +214,30 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
     return QuantizedModel(qmodel, kept, settings)
 
 
-def quantize_artifact(directory: str | Path, calib: str | Path, out_dir: str | Path,
+def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_dir: str | Path,
                       options: QuantizeOptions | None = None, overwrite: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Returns the new artifact written to `out_dir` (whole or not at all): a Q/DQ INT8
-    model.onnx of the FP32 artifact in `directory`, calibrated on the recorded feeds of
+    model.onnx of the FP32 artifact (an Artifact or its folder), calibrated on the recorded feeds of
     `calib` (which must come from that very model file), and its manifest.json with
     precision 'int8-qdq', its own sha256 and the source's in producer.quantized_from.
     The model's inputs and outputs stay float32 [2N, ...] (stacked) as in the source.
     progress(done, total) is called after each recorded step is calibrated.
     """
-    from cfg_export.runtime.pipeline import open_artifact
-
     start = time.perf_counter()
     options = options or QuantizeOptions()
     parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")  # bad input before the work
     parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
-    source = open_artifact(directory)
+    artifact = as_artifact(artifact)
+    directory = artifact.directory
+    source = artifact.model_file(engine=False).manifest
     if source.engine is not None or source.precision != "fp32":
         raise CfgExportError(f"{directory}: the model is {source.precision}; quantize the FP32 ONNX export "
                              f"(cfg-export onnx)")
     data = read_calibration(calib, source)
     onnx = require("onnx", EXTRA)
     ort = require("onnxruntime", EXTRA)
-    done = quantize_model(onnx.load(str(Path(directory) / source.model_file)), data, options, progress=progress)
+    done = quantize_model(onnx.load(str(directory / source.model_file)), data, options, progress=progress)
     qmodel = done.model
     producer = {**source.producer, "onnxruntime": ort.__version__, "quantized_from": source.model_sha256,
                 "quantization": done.settings}
@@ -252,7 +253,7 @@ def quantize_artifact(directory: str | Path, calib: str | Path, out_dir: str | P
         onnx.save(qmodel, str(tmp / manifest.model_file))
         null_file = source.facts.condition.null_file
         if null_file:
-            shutil.copyfile(Path(directory) / null_file, tmp / null_file)
+            shutil.copyfile(directory / null_file, tmp / null_file)
         result.manifest = manifest.with_sha(tmp)
         result.manifest.write(tmp)
         _check_runs(tmp, result.manifest, data)

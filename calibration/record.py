@@ -21,12 +21,14 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.files import staged_file
+from cfg_export.runtime.files import check_output_file, staged_file
+from cfg_export.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,9 @@ class _Recorder:
 
 def default_conditions(manifest, classes: Sequence[int] | None, n: int | None) -> np.ndarray:
     """Returns the labels [N] to record: each of `classes` (default every class of the
-    model, when it has at most runtime.cli.MAX_DEFAULT_CLASSES) repeated n times (default
+    model, when it has at most MAX_DEFAULT_CLASSES) repeated n times (default
     DEFAULT_IMAGES_PER_CLASS)."""
+    from cfg_export.runtime.conditions import MAX_DEFAULT_CLASSES
     from cfg_export.runtime.manifest import ConditionKind
 
     condition = manifest.facts.condition
@@ -118,8 +121,6 @@ def default_conditions(manifest, classes: Sequence[int] | None, n: int | None) -
     if n < 1:
         raise CfgExportError(f"--n: got {n}, expected at least 1 image per class")
     if classes is None:
-        from cfg_export.runtime.cli import MAX_DEFAULT_CLASSES  # the sample command's limit, for the same reason
-
         if condition.num_classes > MAX_DEFAULT_CLASSES:
             raise CfgExportError(f"this model has {condition.num_classes} classes: pick the ones to record "
                                  f"with --classes, e.g. --classes 207,360,387")
@@ -129,13 +130,13 @@ def default_conditions(manifest, classes: Sequence[int] | None, n: int | None) -
     return np.repeat(np.asarray(classes, dtype=np.int64), n)
 
 
-def record_calibration(directory: str | Path, out: str | Path, *, classes: Sequence[int] | None = None,
+def record_calibration(artifact: "Artifact | str | Path", out: str | Path, *, classes: Sequence[int] | None = None,
                        n: int | None = None, cond: np.ndarray | None = None, w: float | None = None,
                        steps: int | None = None, sampler: str | None = None, seed: int | None = None,
                        record_steps: int | None = None, backend: str | None = None,
-                       callback: Callable[[int, int, np.ndarray], None] | None = None) -> RecordResult:
+                       progress: Progress | None = None) -> RecordResult:
     """Returns what was written to `out` (an .npz, whole or not at all): the feeds of the
-    FP32 artifact in `directory` at `record_steps` sampler steps (None: all) spread over
+    FP32 artifact (an Artifact or its folder) at `record_steps` sampler steps (None: all) spread over
     a guided trajectory of N images, rows first: for the stacked layout `sample`
     [K * 2N, *S] float32, `timestep` [K * 2N], `cond` [K * 2N] (each step's first N rows
     the real conditions, last N the null one), plus the JSON `manifest`.
@@ -146,12 +147,14 @@ def record_calibration(directory: str | Path, out: str | Path, *, classes: Seque
     """
     import time
 
-    from cfg_export.runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, open_artifact, sample_guided
+    from cfg_export.runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, sample_guided
 
     start = time.perf_counter()
-    manifest = open_artifact(directory, backend)
+    artifact = as_artifact(artifact)
+    check_output_file(out, "-o", (".npz",))
+    manifest = artifact.model_file(engine=backend == "tensorrt" or None).manifest
     if manifest.precision != "fp32" or manifest.engine is not None:
-        raise CfgExportError(f"{directory}: the model is {manifest.precision}"
+        raise CfgExportError(f"{artifact.directory}: the model is {manifest.precision}"
                              f"{' (a TensorRT engine)' if manifest.engine else ''}; calibration data is recorded "
                              f"from the FP32 ONNX export (cfg-export onnx)")
     if cond is None:
@@ -169,8 +172,8 @@ def record_calibration(directory: str | Path, out: str | Path, *, classes: Seque
     w = DEFAULT_W if w is None else float(w)
     seed = 0 if seed is None else int(seed)
     recorder = _Recorder(keep)
-    result = sample_guided(directory, cond, w, steps=steps, sampler=sampler, seed=seed, backend=backend,
-                           callback=callback, record=recorder)
+    result = sample_guided(artifact, cond, w, steps=steps, sampler=sampler, seed=seed, backend=backend,
+                           progress=progress, record=recorder)
     if recorder.calls != steps:
         log.info("%d model calls for %d sampler steps: recorded calls %s", recorder.calls, steps, recorder.indices)
     arrays = {spec.name: np.concatenate([f[spec.name] for f in recorder.feeds]) for spec in manifest.inputs}
@@ -186,7 +189,7 @@ def record_calibration(directory: str | Path, out: str | Path, *, classes: Seque
     with staged_file(out) as tmp:
         with open(tmp, "wb") as f:  # np.savez_compressed appends .npz to a bare path; a file object keeps the name
             np.savez_compressed(f, **arrays, **{MANIFEST_ENTRY: np.array(calib.to_json())})
-    log.info("recorded %d steps x %d rows of %s into %s", len(keep), calib.rows[0], directory, out)
+    log.info("recorded %d steps x %d rows of %s into %s", len(keep), calib.rows[0], artifact.directory, out)
     return RecordResult(out, calib, arrays, time.perf_counter() - start)
 
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from cfg_export.calibration.record import DEFAULT_W, default_conditions
+from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.guidance import mix
 from cfg_export.runtime.manifest import Layout
+from cfg_export.runtime.progress import Progress, scaled
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +126,23 @@ def classify(classifier: str | Path, samples: np.ndarray, batch: int = 256) -> n
     return np.concatenate(logits).argmax(1)
 
 
-def measure_quality(fp32_dir: str | Path, int8_dir: str | Path, *, classes: Sequence[int] | None = None,
-                    n: int | None = None, w: float | None = None, steps: int | None = None,
-                    sampler: str | None = None, seed: int | None = None, classifier: str | Path | None = None,
-                    callback: Callable[[int, int, np.ndarray], None] | None = None) -> QualityReport:
+def measure_quality(fp32: "Artifact | str | Path", int8: "Artifact | str | Path", *,
+                    classes: Sequence[int] | None = None, n: int | None = None, w: float | None = None,
+                    steps: int | None = None, sampler: str | None = None, seed: int | None = None,
+                    classifier: str | Path | None = None, progress: Progress | None = None) -> QualityReport:
     """Returns the quality report of the artifact `int8_dir` against `fp32_dir` (stacked
     layout, class labels): `classes` (default all) x `n` images (default 4 per class) at
     guidance weight w (default: the calibration's, else 3), the sampler's defaults for steps and sampler, seed
     (default 1234). With `classifier`, the class accuracy of both sample sets."""
-    from cfg_export.runtime.backends.onnxrt import OnnxRuntimeBackend
-    from cfg_export.runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, open_artifact, sample_guided
+    from cfg_export.runtime.backends import open_backend
+    from cfg_export.runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, sample_guided
 
-    fp32_manifest, int8_manifest = open_artifact(fp32_dir), open_artifact(int8_dir)
+    fp32, int8 = as_artifact(fp32), as_artifact(int8)
+    fp32_dir, int8_dir = fp32.directory, int8.directory
+    fp32_manifest = fp32.model_file(engine=False).manifest
+    int8_manifest = int8.model_file(engine=False).manifest
+    if classifier is not None and not Path(classifier).is_file():
+        raise CfgExportError(f"--classifier {classifier}: no such file; expected an ONNX classifier taking the samples")
     if fp32_manifest.layout is not Layout.STACKED or int8_manifest.layout is not Layout.STACKED:
         raise CfgExportError("the quality report compares stacked-layout artifacts (the w mix on the host)")
     if fp32_manifest.facts.prediction.value != "eps":
@@ -153,13 +160,12 @@ def measure_quality(fp32_dir: str | Path, int8_dir: str | Path, *, classes: Sequ
     sampler = sampler or DEFAULT_SAMPLER
     seed = DEFAULT_SEED if seed is None else int(seed)
     feeds: list[dict] = []
-    reference = sample_guided(fp32_dir, labels, w, steps=steps, sampler=sampler, seed=seed,
-                              backend="onnxruntime-cpu", callback=callback,
-                              record=lambda f: feeds.append({k: np.array(v) for k, v in f.items()}))
-    quantized = sample_guided(int8_dir, labels, w, steps=steps, sampler=sampler, seed=seed,
-                              backend="onnxruntime-cpu")
-    with OnnxRuntimeBackend(Path(fp32_dir) / fp32_manifest.model_file, fp32_manifest) as a, \
-            OnnxRuntimeBackend(Path(int8_dir) / int8_manifest.model_file, int8_manifest) as b:
+    with open_backend(fp32, "onnxruntime-cpu") as a, open_backend(int8, "onnxruntime-cpu") as b:
+        reference = sample_guided(fp32, labels, w, steps=steps, sampler=sampler, seed=seed, backend=a,
+                                  progress=scaled(progress, 0, 2 * steps),
+                                  record=lambda f: feeds.append({k: np.array(v) for k, v in f.items()}))
+        quantized = sample_guided(int8, labels, w, steps=steps, sampler=sampler, seed=seed, backend=b,
+                                  progress=scaled(progress, steps, 2 * steps))
         errors = step_errors(a, b, feeds, w, fp32_manifest.facts.schedule.alphas_cumprod())
     x, y = reference.samples.astype(np.float64), quantized.samples.astype(np.float64)
     diff = (y - x).reshape(len(x), -1)

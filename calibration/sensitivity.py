@@ -19,6 +19,7 @@ import numpy as np
 
 from cfg_export.calibration.data import read_calibration
 from cfg_export.calibration.quantize import DEFAULT_OP_TYPES, QuantizeOptions, quantize_model
+from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.guidance import mix
 from cfg_export.runtime.manifest import Layout
@@ -57,7 +58,7 @@ def _guided(output: np.ndarray, w: float) -> np.ndarray:
     return mix(output[:n].astype(np.float64), output[n:].astype(np.float64), np.full(n, w))
 
 
-def layer_sensitivity(directory: str | Path, calib: str | Path, options: QuantizeOptions | None = None, *,
+def layer_sensitivity(artifact: "Artifact | str | Path", calib: str | Path, options: QuantizeOptions | None = None, *,
                       nodes: Sequence[str] | None = None, eval_steps: int | None = None,
                       progress: Callable[[int, int], None] | None = None) -> Sensitivity:
     """Returns the error each layer adds alone when quantized, worst first: for every node
@@ -65,16 +66,16 @@ def layer_sensitivity(directory: str | Path, calib: str | Path, options: Quantiz
     does not keep), the relative error of the guided eps (w of the calibration file) at
     `eval_steps` (default 6) recorded steps spread from the first to the last."""
     from cfg_export.calibration.nodes import select_float_nodes
-    from cfg_export.runtime.pipeline import open_artifact
 
     options = options or QuantizeOptions()
-    source = open_artifact(directory)
+    artifact = as_artifact(artifact)
+    source = artifact.model_file(engine=False).manifest
     if source.layout is not Layout.STACKED:
         raise CfgExportError("layer sensitivity is measured on stacked-layout artifacts (the w mix on the host)")
     data = read_calibration(calib, source)
     onnx = require("onnx", "quantize")
     ort = require("onnxruntime", "quantize")
-    model = onnx.load(str(Path(directory) / source.model_file))
+    model = onnx.load(str(artifact.directory / source.model_file))
     kept = set(select_float_nodes(model, options.keep_fp32))
     op_types = set(DEFAULT_OP_TYPES if options.op_types is None else options.op_types)
     candidates = list(nodes) if nodes is not None else [

@@ -1,5 +1,4 @@
-import sys
-
+"""`python -m runtime sample ...` (a copy of runtime/ on a board) or `python -m cfg_export.runtime`."""
 from .cli import main
 
-sys.exit(main())
+main(prog_name="python -m runtime")

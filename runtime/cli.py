@@ -1,204 +1,297 @@
-"""`python -m runtime sample ...`: guided sampling with only numpy, pillow and a backend
-installed (argparse, no click). `cfg-export sample` is this same command."""
+"""The command-line layer every verb shares, and the `sample` command.
+
+`python -m runtime sample ...` (runtime/ copied onto a board with numpy, pillow, click
+and a backend) and `cfg-export sample ...` are this same click command. Every command
+takes -v/-q the same way (before or after the verb), turns CfgExportError and OS errors
+into one 'Error: ...' line with exit code 1, and shows progress through ProgressBar,
+which implements the library's progress(done, total) protocol. Options left unset are
+passed as None: the library signatures own every default.
+"""
 from __future__ import annotations
 
-import argparse
+import errno
 import logging
 import sys
-import time
 
-import numpy as np
+import click
 
-from .backends import BACKENDS
 from .errors import CfgExportError
-from .guidance import GuidanceOptions, WSchedule
-from .manifest import ConditionKind, Manifest
 from .samplers import SAMPLERS
-from .schedule import Spacing
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+# -- errors -------------------------------------------------------------------------------
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OS error: what failed, on which file, and what to do."""
+    where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on the device writing{where}: free some space, or write elsewhere (nothing was kept)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: choose a writable path"
+    return f"{exc.strerror or exc}{where}"
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+class Command(click.Command):
+    """A click command whose user errors end in one 'Error: ...' line and exit code 1."""
 
-
-MAX_DEFAULT_CLASSES = 32  # without --classes, one grid row per class up to this many
-
-
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="torch-free classifier-free-guidance sampling")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("sample", help="sample guided images from an artifact folder",
-                       description="Guided sampling from an artifact folder made by `cfg-export onnx`. "
-                                   "Class-conditional models take --classes, embedding models (text-style, "
-                                   "e.g. a Stable Diffusion UNet) take --cond FILE.npy. Latent models (DiT, "
-                                   "Stable Diffusion) give latents: write them with --npy and decode them with "
-                                   "the model's VAE. "
-                                   "Guidance weight w as in Ho & Salimans 2021: eps = (1 + w) eps_c - w eps_null "
-                                   "(diffusers' guidance_scale = 1 + w; w = -1 is unconditional).")
-    p.add_argument("artifact", metavar="DIR", help="artifact folder (manifest.json + model.onnx)")
-    p.add_argument("--w", type=_floats, default=[0.0],
-                   help="guidance weight: one number, or one per image separated by commas (default 0)")
-    p.add_argument("--w-schedule", choices=[s.value for s in WSchedule], default=None,
-                   help="how w varies over the steps (default constant)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="sampler (default ddim)")
-    p.add_argument("--spacing", choices=[s.value for s in Spacing], default=None,
-                   help="how the steps are picked from the training timesteps (default leading)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic)")
-    p.add_argument("--classes", type=_ints, default=None,
-                   help="class labels, one grid row each (default: every class of the model)")
-    p.add_argument("--cond", metavar="FILE.npy", default=None,
-                   help="embedding model: the condition, [L, D] float32 for all images or [K, L, D] "
-                        "(K conditions, one grid row each)")
-    p.add_argument("--n", type=int, default=8, help="images per class or condition (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--noise", metavar="FILE.npy", default=None,
-                   help="start from this noise [N, *sample shape] instead of drawing it")
-    p.add_argument("--negative", metavar="LABELS|FILE.npy", default=None,
-                   help="negative condition in the null rows: class labels (one, or one per class), or for "
-                        "an embedding model FILE.npy, [L, D] or [K, L, D] (one per condition)")
-    p.add_argument("--interval", type=_floats, default=None, metavar="LO,HI",
-                   help="guide only at noise levels sigma in [LO, HI]; other steps run only the "
-                        "conditional rows (Kynkäänniemi et al. 2024)")
-    p.add_argument("--threshold", type=float, default=None, metavar="P",
-                   help="dynamic thresholding at percentile P, e.g. 0.995 (Saharia et al. 2022)")
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="default auto: tensorrt for a folder holding only an engine, else CUDA if available; "
-                        "tensorrt runs model.engine (cfg-export trt)")
-    p.add_argument("-o", "--out", metavar="FILE.png", default=None, help="PNG grid, one row per class")
-    p.add_argument("--npy", metavar="FILE.npy", default=None,
-                   help="raw samples [N, ...] as float32; for latent models (DiT, Stable Diffusion) these are "
-                        "latents: decoding them is the job of the model's VAE")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    return parser
-
-
-class Progress:
-    """A progress bar on stderr, without dependencies."""
-
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.quiet, self.start = total, quiet, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, i: int, t: int, x) -> None:
-        done = i + 1
-        if self.quiet or not (self.tty or done == self.total or done % max(1, self.total // 4) == 0):
-            return
-        bar = "#" * (30 * done // self.total)
-        rate = done / (time.perf_counter() - self.start)
-        end = "\n" if done == self.total or not self.tty else ""
-        sys.stderr.write(f"\rsampling [{bar:<30}] {done}/{self.total} t={t:<4d} {rate:.1f} steps/s{end}")
-        sys.stderr.flush()
-
-
-def _load_npy(path: str, option: str) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise CfgExportError(f"{option} {path}: cannot read it as .npy ({exc})") from None
-
-
-def _conditions(args, manifest: Manifest) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """Returns (cond, negative or None, rows): the conditions from --classes or --cond and
-    the negative ones, each repeated --n times, and the number of conditions (grid rows)."""
-    from .conditions import check_embeddings
-
-    negatives = None
-    if manifest.facts.condition.kind is ConditionKind.EMBEDDING:
-        shape = list(manifest.facts.condition.shape or [])
-        if args.classes is not None:
-            raise CfgExportError(f"--classes: this model takes embeddings {shape}; give --cond FILE.npy")
-        if args.cond is None:
-            raise CfgExportError(f"this model takes embedding conditions {shape}: give --cond FILE.npy "
-                                 f"({shape} for all images, or [K, {', '.join(map(str, shape))}])")
-        conds = check_embeddings(_load_npy(args.cond, "--cond"), manifest, f"--cond {args.cond}")
-        if args.negative is not None:
-            negatives = check_embeddings(_load_npy(args.negative, "--negative"), manifest,
-                                         f"--negative {args.negative}")
-    else:
-        if args.cond is not None:
-            raise CfgExportError("--cond: this model takes class labels; use --classes")
-        classes = args.classes
-        if classes is None:
-            num_classes = manifest.facts.condition.num_classes
-            if num_classes > MAX_DEFAULT_CLASSES:
-                raise CfgExportError(f"this model has {num_classes} classes: pick the grid rows with --classes, "
-                                     "e.g. --classes 207,360,387")
-            classes = list(range(num_classes))
-        conds = np.asarray(classes, dtype=np.int64)
-        if args.negative is not None:
-            try:
-                negatives = np.asarray(_ints(args.negative), dtype=np.int64)
-            except argparse.ArgumentTypeError as exc:
-                raise CfgExportError(f"--negative: {exc} (class labels for this model)") from None
-    rows = len(conds)
-    if negatives is not None:
-        if len(negatives) not in (1, rows):
-            raise CfgExportError(f"--negative: got {len(negatives)} negative conditions, expected 1 or one per "
-                                 f"condition ({rows})")
-        negatives = np.repeat(np.broadcast_to(negatives, (rows, *negatives.shape[1:])), args.n, axis=0)
-    return np.repeat(conds, args.n, axis=0), negatives, rows
-
-
-def run_sample(args) -> int:
-    from .images import check_drawable, save_grid, save_npy
-    from .pipeline import DEFAULT_STEPS, open_artifact, sample_guided
-
-    if args.out is None and args.npy is None:
-        raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy")
-    if args.n < 1:
-        raise CfgExportError(f"--n: got {args.n}, expected at least 1 image per class")
-    manifest = open_artifact(args.artifact, args.backend)
-    if args.out:
-        check_drawable(manifest.facts.sample_shape)
-    cond, negative, rows = _conditions(args, manifest)
-    noise = None
-    if args.noise:
+    def invoke(self, ctx):
         try:
-            noise = np.load(args.noise)
-        except (OSError, ValueError) as exc:
-            raise CfgExportError(f"--noise {args.noise}: cannot read it as .npy ({exc})") from None
-    if args.interval is not None and len(args.interval) != 2:
-        raise CfgExportError(f"--interval: got {args.interval}, expected two noise levels LO,HI")
-    w = args.w[0] if len(args.w) == 1 else np.repeat(args.w, args.n) if len(args.w) == rows else args.w
-    guidance = GuidanceOptions(w_schedule=args.w_schedule or WSchedule.CONSTANT,
-                               interval=tuple(args.interval) if args.interval else None,
-                               negative=negative, threshold=args.threshold)
-    progress = Progress(args.steps or DEFAULT_STEPS, args.quiet)
-    result = sample_guided(args.artifact, cond, w, steps=args.steps, sampler=args.sampler, spacing=args.spacing,
-                           seed=args.seed, noise=noise, eta=args.eta, guidance=guidance, backend=args.backend,
-                           callback=progress)
-    if args.out:
-        save_grid(result.samples, rows=rows, path=args.out)
-        print(f"wrote {args.out} ({len(cond)} images, one row per condition)")
-    if args.npy:
-        save_npy(result.samples, args.npy)
-        print(f"wrote {args.npy} {list(result.samples.shape)} float32")
-    if not args.quiet:
-        steps = len(result.step_seconds)
-        total = sum(result.step_seconds)
-        model = result.model_seconds
-        print(f"{steps} steps on {result.backend}: {1e3 * total / steps:.2f} ms/step "
-              f"(model {1e3 * model / steps:.2f} ms, host {1e3 * (total - model) / steps:.2f} ms = "
-              f"{100 * result.host_share:.1f}%), total {total:.2f} s")
-    return 0
+            return super().invoke(ctx)
+        except CfgExportError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_message(exc)) from None
+        except MemoryError:
+            raise click.ClickException("out of memory: ask for fewer images (--n, --batch) at a time") from None
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m runtime") -> int:
-    """Runs the command line; returns the exit code (1 with one 'Error:' line for bad input)."""
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+class Group(click.Group):
+    """A click group whose commands are Commands (see Command)."""
+
+    command_class = Command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CfgExportError as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(os_error_message(exc)) from None
+
+
+# -- -v / -q ------------------------------------------------------------------------------
+
+def _state(ctx: click.Context) -> dict:
+    return ctx.find_root().ensure_object(dict)
+
+
+def _configure_logging(state: dict) -> None:
+    level = logging.ERROR if state.get("quiet") else (logging.WARNING, logging.INFO, logging.DEBUG)[
+        min(state.get("verbose", 0), 2)]
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    root.setLevel(level)
+
+
+def _set_quiet(ctx, param, value):
+    if value:
+        _state(ctx)["quiet"] = True
+    _configure_logging(_state(ctx))
+    return value
+
+
+def _set_verbose(ctx, param, value):
+    if value:
+        state = _state(ctx)
+        state["verbose"] = max(state.get("verbose", 0), value)
+    _configure_logging(_state(ctx))
+    return value
+
+
+def verbosity_options(f):
+    """Adds -v/--verbose and -q/--quiet to a command or group (the same meaning everywhere)."""
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=_set_quiet,
+                     help="Only errors: no progress bar, no summary lines.")(f)
+    return click.option("-v", "--verbose", count=True, expose_value=False, is_eager=True, callback=_set_verbose,
+                        help="More log output (-vv for debug).")(f)
+
+
+def quiet() -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and _state(ctx).get("quiet"))
+
+
+def say(message: str) -> None:
+    """Prints a result line on stdout unless -q was given."""
+    if not quiet():
+        click.echo(message)
+
+
+def warn(message: str) -> None:
+    """Prints a warning line on stderr (also with -q: it is about the result)."""
+    click.echo(f"Warning: {message}", err=True)
+
+
+class ProgressBar:
+    """The library's progress(done, total) as a click progress bar on stderr, drawn from the
+    first call (so bad input fails before any bar appears), hidden with -q."""
+
+    def __init__(self, label: str):
+        self.label, self.bar, self.done = label, None, 0
+        self.hidden = quiet()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.hidden:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=max(total, 1), label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.length = max(total, 1)
+        self.bar.update(max(done - self.done, 0))
+        self.done = done
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
+
+
+# -- option parsing -------------------------------------------------------------------------
+
+def parse_list(text: str | None, kind: type, option: str, example: str):
+    """Returns the comma-separated values of an option as `kind` (None when not given);
+    raises CfgExportError for an empty or malformed list."""
+    if text is None:
+        return None
     try:
-        return run_sample(args)
-    except CfgExportError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
+        values = [kind(v.strip()) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if kind is str and any(not v for v in values):
+        values = []
+    if not values:
+        noun = {int: "integers", float: "numbers"}.get(kind, "names")
+        raise CfgExportError(f"{option}: got {text!r}, expected {noun} separated by commas, like {example}")
+    return values
+
+
+def backend_options(threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch):
+    """Returns the runtime.backends.BackendOptions of the backend flags (None when none given)."""
+    from .backends import BackendOptions
+
+    values = dict(threads=threads, spinning=False if no_spinning else None, device=device,
+                  cuda_graph=True if cuda_graph else None, trt_cache=trt_cache, trt_fp16=True if trt_fp16 else None,
+                  trt_max_batch=trt_max_batch)
+    return BackendOptions(**values) if any(v is not None for v in values.values()) else None
+
+
+def backend_flags(f):
+    """Adds --backend and the options of each backend."""
+    from .backends import BACKENDS
+
+    for decorator in reversed([
+        click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                     help="auto (default): tensorrt for a folder holding only an engine, else onnxruntime-cuda "
+                          "when available, else onnxruntime-cpu; tensorrt runs model.engine (cfg-export trt)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="ONNX Runtime intra-op threads (default: one per core)."),
+        click.option("--no-spinning", is_flag=True, default=False,
+                     help="ONNX Runtime: worker threads sleep after a call instead of spinning."),
+        click.option("--device", type=click.IntRange(min=0), default=None, help="GPU index (default 0)."),
+        click.option("--cuda-graph", is_flag=True, default=False,
+                     help="tensorrt: capture and replay a CUDA graph per call shape."),
+        click.option("--trt-cache", metavar="DIR", default=None,
+                     help="onnxruntime-tensorrt: engine and timing cache folder (default DIR/ort-trt-cache)."),
+        click.option("--trt-fp16", is_flag=True, default=False, help="onnxruntime-tensorrt: allow FP16."),
+        click.option("--trt-max-batch", type=click.IntRange(min=1), default=None,
+                     help="onnxruntime-tensorrt: most images N of its profile (default 16)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+# -- sample -----------------------------------------------------------------------------------
+
+@click.command("sample", cls=Command, context_settings=CONTEXT)
+@click.argument("artifact", metavar="DIR", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--w", "w", default=None, metavar="W[,W...]",
+              help="Guidance weight: one number, one per condition (grid row), or one per image, separated by "
+                   "commas (default 0).")
+@click.option("--w-schedule", type=click.Choice(["constant", "linear"]), default=None,
+              help="How w varies over the steps (default constant; linear: 2w(1 - t/T)).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default 50).")
+@click.option("--sampler", default=None, help=f"Sampler: {', '.join(SAMPLERS)} (default ddim).")
+@click.option("--spacing", default=None, help="Timestep spacing: leading (default), trailing, linspace.")
+@click.option("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic).")
+@click.option("--classes", default=None, metavar="0,1,...",
+              help="Class labels, one grid row each (default: every class of the model).")
+@click.option("--cond", metavar="FILE.npy", default=None,
+              help="Embedding model: the condition, [L, D] float32 for all images or [K, L, D] (K conditions, "
+                   "one grid row each).")
+@click.option("--n", type=int, default=None, help="Images per class or condition (default 8).")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--noise", metavar="FILE.npy", default=None,
+              help="Start from this noise [N, *sample shape] instead of drawing it.")
+@click.option("--negative", metavar="LABELS|FILE.npy", default=None,
+              help="Negative condition in the null rows: class labels (one, or one per class), or for an "
+                   "embedding model FILE.npy, [L, D] or [K, L, D] (one per condition).")
+@click.option("--interval", default=None, metavar="LO,HI",
+              help="Guide only at noise levels sigma in [LO, HI]; other steps run only the conditional rows "
+                   "(Kynkaanniemi et al. 2024).")
+@click.option("--threshold", type=float, default=None, metavar="P",
+              help="Dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Saharia et al. 2022).")
+@backend_flags
+@click.option("-o", "--out", metavar="FILE.png", default=None,
+              help="Image grid, one row per condition (.png, .jpg, ...: the format follows the extension).")
+@click.option("--npy", metavar="FILE.npy", default=None,
+              help="Raw samples [N, ...] as float32 (latents, for latent models).")
+@verbosity_options
+def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond, n, seed, noise, negative, interval,
+           threshold, backend, threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch, out,
+           npy):
+    """Guided sampling from an artifact folder DIR made by `cfg-export onnx`.
+
+    Class-conditional models take --classes, embedding models (text-style, e.g. a
+    Stable Diffusion UNet) take --cond FILE.npy. Guidance weight w as in Ho & Salimans
+    2021: eps = (1 + w) eps_c - w eps_null (diffusers' guidance_scale = 1 + w; w = -1 is
+    unconditional). Samples are written as they come out of the sampler (not clipped);
+    the image grid clips them to [-1, 1].
+    """
+    from .artifact import Artifact
+    from .grid import sample_grid
+    from .guidance import GuidanceOptions
+
+    if out is None and npy is None:
+        raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy")
+    opened = Artifact.open(artifact)
+    embedding = opened.manifest.facts.condition.kind.value == "embedding"
+    interval_values = parse_list(interval, float, "--interval", "0.3,5")
+    if interval_values is not None and len(interval_values) != 2:
+        raise CfgExportError(f"--interval: got {interval!r}, expected two noise levels LO,HI")
+    if negative is not None and not embedding:
+        negative = parse_list(negative, int, "--negative", "3")
+    guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
+                               interval=tuple(interval_values) if interval_values else None, threshold=threshold)
+    with ProgressBar("sampling") as bar:
+        grid = sample_grid(opened, classes=parse_list(classes, int, "--classes", "0,1,2"),
+                           cond=cond, negative=negative, n=n,
+                           w=parse_list(w, float, "--w", "3 or 1,2,3"), out=out, npy=npy,
+                           noise=noise, guidance=guidance,
+                           steps=steps, sampler=sampler, spacing=spacing, eta=eta, seed=seed, backend=backend,
+                           backend_options=backend_options(threads, no_spinning, device, cuda_graph, trt_cache,
+                                                           trt_fp16, trt_max_batch),
+                           progress=bar)
+    for message in grid.warnings:
+        warn(message)
+    for path, what in grid.written:
+        say(f"wrote {path} ({what})")
+    result = grid.result
+    steps_done = len(result.step_seconds)
+    total = sum(result.step_seconds)
+    model = result.model_seconds
+    say(f"{steps_done} steps on {result.backend}: {1e3 * total / steps_done:.2f} ms/step (model "
+        f"{1e3 * model / steps_done:.2f} ms, host {1e3 * (total - model) / steps_done:.2f} ms = "
+        f"{100 * result.host_share:.1f}%), total {total:.2f} s")
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@verbosity_options
+def main():
+    """Torch-free classifier-free-guidance sampling (the runtime of cfg-export)."""
+
+
+main.add_command(sample)
+
+
+def run(argv: list[str] | None = None, prog: str = "python -m runtime") -> int:
+    """Runs `main` like a console script; returns the exit code."""
+    try:
+        main.main(args=argv, prog_name=prog, standalone_mode=True)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    return 0

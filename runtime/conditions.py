@@ -10,6 +10,8 @@ import numpy as np
 from .errors import CfgExportError
 from .manifest import ConditionKind, Manifest
 
+MAX_DEFAULT_CLASSES = 32  # without explicit classes, sample (and record) every class up to this many
+
 
 def _embedding_shape(manifest: Manifest) -> tuple[int, ...]:
     cond = manifest.facts.condition
@@ -46,7 +48,7 @@ def rows_for(embeddings: np.ndarray, n: int, what: str) -> np.ndarray:
     return embeddings
 
 
-def load_null_embedding(manifest: Manifest, directory: str | Path) -> np.ndarray:
+def read_null_embedding(manifest: Manifest, directory: str | Path) -> np.ndarray:
     """Returns the artifact's null embedding [L, D] float32 (condition.null_file)."""
     shape = _embedding_shape(manifest)
     name = manifest.facts.condition.null_file

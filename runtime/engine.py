@@ -1,5 +1,6 @@
 """Engines (TensorRT plans) in an artifact: their file names, and the optimization
-profiles' arithmetic, shared by the builder and the runtime backend.
+profiles as the runtime uses them (which profile takes a call of so many rows). The
+builder makes the profiles (cfg_export.build.profiles).
 
 An engine lives beside the ONNX model as `model.engine`, described by `engine.json`:
 a manifest of the same schema whose `engine` block holds the TensorRT facts (version,
@@ -12,10 +13,9 @@ outside a guidance interval, which run only the conditional rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from .errors import CfgExportError
-from .manifest import MANIFEST_NAME, Layout, Manifest, TensorSpec, read_manifest
+from .manifest import Manifest, TensorSpec
 
 ENGINE_FILE = "model.engine"
 ENGINE_MANIFEST = "engine.json"
@@ -52,10 +52,6 @@ def input_shape(spec: TensorSpec, rows: int) -> Shape:
     return tuple(rows if isinstance(size, str) else int(size) for size in spec.shape)
 
 
-def _profile(manifest: Manifest, rows: tuple[int, int, int]) -> Profile:
-    return Profile(rows, {spec.name: tuple(input_shape(spec, r) for r in rows) for spec in manifest.inputs})
-
-
 def resolve_batches(min_batch: int | None = None, opt_batch: int | None = None,
                     max_batch: int | None = None) -> tuple[int, int, int]:
     """Returns images (min, opt, max) with the defaults filled in around what was given
@@ -71,31 +67,6 @@ def resolve_batches(min_batch: int | None = None, opt_batch: int | None = None,
         raise CfgExportError(f"profile: got --min-batch {lo}, --opt-batch {opt}, --max-batch {hi} (images N); "
                              f"expected min <= opt <= max")
     return lo, opt, hi
-
-
-def make_profiles(manifest: Manifest, min_batch: int | None = None, opt_batch: int | None = None,
-                  max_batch: int | None = None, interval: bool = False) -> list[Profile]:
-    """Returns the optimization profiles for images N in [min, opt, max]: rows 2N for the
-    stacked layout, N for the fused one, and with `interval` a second profile of N rows for
-    the unguided steps of a guidance interval. A static graph (exported with --batch) has
-    fixed shapes and needs none: it returns [] and refuses batch options."""
-    if manifest.batch is not None:
-        given = [f for f, v in (("--min-batch", min_batch), ("--opt-batch", opt_batch),
-                                ("--max-batch", max_batch)) if v is not None]
-        if given or interval:
-            what = ", ".join(given + (["--interval-profile"] if interval else []))
-            raise CfgExportError(f"{what}: the graph is static for N={manifest.batch} images, so the engine has "
-                                 f"no profiles; drop {what}, or re-export without --batch")
-        return []
-    images = resolve_batches(min_batch, opt_batch, max_batch)
-    k = manifest.rows_per_image
-    profiles = [_profile(manifest, tuple(k * n for n in images))]
-    if interval:
-        if manifest.layout is not Layout.STACKED:
-            raise CfgExportError("--interval-profile: the fused layout runs N rows at every step already; "
-                                 "drop it, or export the stacked layout")
-        profiles.append(_profile(manifest, images))
-    return profiles
 
 
 def pick_profile(profiles: list[Profile], rows: int) -> int:
@@ -117,29 +88,3 @@ def shapes_text(shapes: dict[str, Shape]) -> str:
 def engine_profiles(manifest: Manifest) -> list[Profile]:
     """Returns the profiles recorded in an engine manifest."""
     return [Profile.from_dict(d) for d in (manifest.engine or {}).get("profiles", [])]
-
-
-def engine_only(directory: str | Path) -> bool:
-    """True for a folder that holds an engine and no ONNX manifest (an engine copied to a board)."""
-    directory = Path(directory)
-    return not (directory / MANIFEST_NAME).exists() and (directory / ENGINE_MANIFEST).exists()
-
-
-def read_engine_manifest(directory: str | Path) -> Manifest:
-    """Returns an artifact's engine manifest, or raises CfgExportError with the command that builds one."""
-    directory = Path(directory)
-    if not (directory / ENGINE_MANIFEST).is_file() and directory.is_dir():
-        raise CfgExportError(f"{directory}: no {ENGINE_MANIFEST} in it; build an engine with: "
-                             f"cfg-export trt {directory}")
-    manifest = read_manifest(directory, ENGINE_MANIFEST)
-    if manifest.engine is None:
-        raise CfgExportError(f"{directory / ENGINE_MANIFEST}: has no 'engine' block; rebuild it with cfg-export trt")
-    return manifest
-
-
-def read_artifact_manifest(directory: str | Path, backend: str | None = None) -> Manifest:
-    """Returns the manifest a backend runs: engine.json for 'tensorrt' (and for 'auto' or None
-    in a folder holding only an engine), manifest.json otherwise."""
-    if backend == "tensorrt" or (backend in (None, "auto") and engine_only(directory)):
-        return read_engine_manifest(directory)
-    return read_manifest(directory)

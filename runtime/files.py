@@ -27,6 +27,43 @@ def _umask() -> int:
     return mask
 
 
+def check_output_file(target: str | os.PathLike, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Returns `target` as a Path after checking, before any work, that a file can be
+    written there: not a folder, its folder creatable and writable, and (when `suffixes`
+    is given) an extension of that format. Raises CfgExportError naming the problem."""
+    target = Path(target)
+    if suffixes is not None and target.suffix.lower() not in suffixes:
+        raise CfgExportError(f"{what} {target}: expected a file name ending in {' or '.join(suffixes)} "
+                             f"(the format follows the extension)")
+    if target.is_dir():
+        raise CfgExportError(f"{what} {target}: is a folder; give a file path")
+    _check_writable_folder(target.parent, f"{what} {target}")
+    return target
+
+
+def check_output_dir(target: str | os.PathLike, what: str) -> Path:
+    """Returns `target` as a Path after checking, before any work, that a folder can be
+    written there (it may exist): not a file, and its parent creatable and writable."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CfgExportError(f"{what} {target}: is a file; give a folder path")
+    _check_writable_folder(target.parent, f"{what} {target}")
+    return target
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    """The nearest existing ancestor of `folder` must be a writable folder."""
+    existing = folder if str(folder) else Path(".")
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise CfgExportError(f"cannot write {what}: {existing} is a file, not a folder; choose another path")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise CfgExportError(f"cannot write {what}: {existing} is not writable; choose another path")
+
+
 def _check_parent(target: Path) -> None:
     parent = target.parent
     if parent.exists() and not parent.is_dir():

@@ -90,7 +90,7 @@ class GuidedDenoiser:
     has a dynamic batch). Fused layout: the graph does the stacking and the mix.
     `record`, if given, receives every feed dict the backend sees (for calibration).
     Embedding conditions: the null rows hold `null_embedding` [L, D] (the artifact's,
-    see runtime.conditions.load_null_embedding) for every image, or options.negative.
+    Artifact.null_embedding) for every image, or options.negative.
     """
 
     def __init__(self, backend: Backend, alphas_cumprod: np.ndarray, n: int, options: GuidanceOptions,
@@ -104,6 +104,7 @@ class GuidedDenoiser:
         self.record = record
         self.model_seconds = 0.0  # total time inside backend calls
         self.calls = 0
+        self.rows = 0  # model rows evaluated: 2N per guided stacked step, N per conditional-only one
         facts = self.manifest.facts
         if options.negative is not None and self.manifest.layout is Layout.FUSED:
             raise CfgExportError("a negative condition needs the stacked layout (the fused graph holds the null "
@@ -147,6 +148,7 @@ class GuidedDenoiser:
         (eps,) = self.backend.infer(feeds).values()
         self.model_seconds += self.backend.last_seconds
         self.calls += 1
+        self.rows += len(feeds["sample"]) * (2 if self.manifest.layout is Layout.FUSED else 1)
         return eps.astype(np.float64)
 
     def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Writing samples: PNG grids for images, .npy for anything."""
+"""Writing samples: image grids (PNG, or the format the extension names) for images,
+.npy for anything."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,10 @@ import numpy as np
 
 from .errors import CfgExportError
 from .files import staged_file
+
+# the image formats a grid is written in, by extension (Pillow's names)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+                 ".webp": "WEBP"}
 
 
 def to_uint8(samples: np.ndarray) -> np.ndarray:
@@ -23,8 +28,9 @@ def check_drawable(sample_shape: tuple[int, ...]) -> None:
 
 
 def save_grid(samples: np.ndarray, rows: int, path: str | Path, min_cell: int = 64) -> Path:
-    """Writes samples [N, C, H, W] (C = 1 or 3, values in [-1, 1]) as a PNG grid of `rows`
-    rows, each cell scaled up (nearest) to at least `min_cell` pixels; returns the path."""
+    """Writes samples [N, C, H, W] (C = 1 or 3, values in [-1, 1], clipped) as an image grid
+    of `rows` rows, each cell scaled up (nearest) to at least `min_cell` pixels, in the
+    format of the path's extension (IMAGE_FORMATS); returns the path."""
     from PIL import Image
 
     check_drawable(samples.shape[1:])
@@ -40,8 +46,11 @@ def save_grid(samples: np.ndarray, rows: int, path: str | Path, min_cell: int = 
         grid[y:y + h * scale, x:x + w * scale] = img
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     path = Path(path)
+    image_format = IMAGE_FORMATS.get(path.suffix.lower())
+    if image_format is None:
+        raise CfgExportError(f"{path}: unknown image extension; expected one of {', '.join(IMAGE_FORMATS)}")
     with staged_file(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=image_format)
     return path
 
 

@@ -1,20 +1,23 @@
-"""sample_guided: an artifact folder in, guided samples out. The library call behind
+"""sample_guided: an artifact in, guided samples out. The library call behind
 `cfg-export sample` and `python -m runtime sample`."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .backends import make_backend
-from .conditions import check_embeddings, load_null_embedding, rows_for
+from .artifact import Artifact, as_artifact
+from .backends import Backend, BackendOptions, open_backend
+from .conditions import check_embeddings, rows_for
 from .errors import CfgExportError
 from .guidance import GuidanceOptions, GuidedDenoiser
-from .manifest import ConditionKind, Layout, Manifest, verify_model_file
+from .manifest import ConditionKind, Layout, Manifest
+from .progress import Progress
 from .samplers import get_sampler
 from .schedule import make_timesteps
 
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STEPS = 50
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_SPACING = "leading"
+DEFAULT_SEED = 0
 
 
 @dataclass
@@ -32,6 +36,7 @@ class SampleResult:
     timesteps: np.ndarray  # [steps] the training timesteps visited
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
     model_seconds: float = 0.0  # total time inside the backend
+    rows: int = 0  # model rows evaluated over the whole run (2N per guided step, N per unguided one)
     backend: str = ""
 
     @property
@@ -41,22 +46,20 @@ class SampleResult:
         return (total - self.model_seconds) / total if total > 0 else 0.0
 
 
-def open_artifact(directory: str | Path, backend: str | None = None) -> Manifest:
-    """Returns the manifest of an artifact folder after checking the model file's sha256
-    (engine.json for the tensorrt backend or a folder holding only an engine)."""
-    from .engine import read_artifact_manifest
-
-    manifest = read_artifact_manifest(directory, backend)
-    verify_model_file(manifest, directory)
-    return manifest
-
-
 def check_labels(labels: Sequence[int], manifest: Manifest, what: str = "class") -> np.ndarray:
     """Returns labels as int64 [N]; refuses labels the model does not know."""
     cond = manifest.facts.condition
     if cond.kind is not ConditionKind.CLASS:
         raise CfgExportError(f"this model takes {cond.kind.value} conditions, not class labels")
-    arr = np.asarray(labels, dtype=np.int64).reshape(-1)
+    try:
+        arr = np.asarray(labels).reshape(-1)
+    except (TypeError, ValueError):
+        raise CfgExportError(f"{what}: got {labels!r}, expected integer class labels") from None
+    if arr.size and not (np.issubdtype(arr.dtype, np.integer) or
+                         (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and
+                          np.all(arr == np.round(arr)))):
+        raise CfgExportError(f"{what}: got {arr.tolist()[:4]}, expected integer class labels")
+    arr = arr.astype(np.int64)
     bad = [int(v) for v in arr if not (0 <= v < cond.num_classes or v == cond.null)]
     if bad:
         raise CfgExportError(f"{what} {bad[0]} out of range: the model has classes 0..{cond.num_classes - 1} "
@@ -82,33 +85,64 @@ def make_noise(manifest: Manifest, n: int, rng: np.random.Generator, noise: np.n
     noise = np.asarray(noise)
     if noise.shape != shape:
         raise CfgExportError(f"noise: got shape {list(noise.shape)}, expected {list(shape)} (N images x sample shape)")
+    if not np.issubdtype(noise.dtype, np.floating):
+        raise CfgExportError(f"noise: got {noise.dtype} values, expected floats")
     if not np.all(np.isfinite(noise)):
         raise CfgExportError("noise: contains NaN or infinity")
     return noise.astype(np.float64)
 
 
-def sample_guided(directory: str | Path, cond: Sequence[int] | np.ndarray, w: float | Sequence[float] = 0.0, *,
-                  steps: int | None = None, sampler: str | None = None, spacing: str | None = None,
-                  seed: int = 0, noise: np.ndarray | None = None, eta: float | None = None,
-                  guidance: GuidanceOptions | None = None, backend: str | None = None,
+def check_seed(seed) -> int:
+    """Returns the seed as an int; refuses what numpy's generator does not take."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise CfgExportError(f"seed: got {seed!r}, expected an integer 0 <= seed < 2**63")
+    return int(seed)
+
+
+@contextlib.contextmanager
+def _runner(artifact: Artifact, backend: "str | Backend | None", options: BackendOptions | None):
+    """Yields an open backend: the one given (left open), or one opened here from the artifact."""
+    if isinstance(backend, Backend):
+        if options is not None:
+            raise CfgExportError("backend options apply when the backend is opened here; the given backend "
+                                 "is already open")
+        if not backend.is_open:
+            raise CfgExportError(f"{backend.name} backend is not open: use it inside `with backend:`")
+        yield backend
+        return
+    with open_backend(artifact, backend, options) as runner:
+        yield runner
+
+
+def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.ndarray, w: float | Sequence[float] = 0.0,
+                  *, steps: int | None = None, sampler: str | None = None, spacing: str | None = None,
+                  seed: int | None = None, noise: np.ndarray | None = None, eta: float | None = None,
+                  guidance: GuidanceOptions | None = None, backend: "str | Backend | None" = None,
+                  backend_options: BackendOptions | None = None, progress: Progress | None = None,
                   callback: Callable[[int, int, np.ndarray], None] | None = None,
                   record: Callable[[dict], None] | None = None) -> SampleResult:
-    """Returns N guided samples [N, *S] float32 of the artifact in `directory`, one per
-    condition: class labels [N], or embeddings [N, L, D] float32 (one [L, D] is one image).
-    Latent models (DiT, Stable Diffusion UNets) give latents: decoding is the VAE's job.
+    """Returns N guided samples [N, *S] float32 of the artifact (an Artifact, or a folder
+    opened once here), one per condition: class labels [N], or embeddings [N, L, D]
+    float32 (one [L, D] is one image). Latent models (DiT, Stable Diffusion UNets) give
+    latents.
 
     w: the guidance weight (paper's convention), one number or [N]. guidance: the other
     guidance options (w schedule, interval, negative condition, thresholding); its w
     is replaced by `w`. A negative condition is a label (or [N]) or an embedding
     [L, D] (or [N, L, D]); it takes the null rows' place.
+    backend: a backend name (opened and closed here, with backend_options), or an open
+    Backend of this artifact, reused as it is (sample many w or batch sizes with one session).
+    progress(done, total) is called after each step; callback(i, t, x_t) with the sample.
     The same seed on the same backend gives the same samples.
     """
-    manifest = open_artifact(directory, backend)
+    artifact = as_artifact(artifact)
+    manifest = backend.manifest if isinstance(backend, Backend) else _manifest_for(artifact, backend)
+    _check_backend_fits(artifact, backend)
     cond = check_cond(cond, manifest)
     n = len(cond)
     if n < 1:
         raise CfgExportError("no images asked for: give at least one condition")
-    options = GuidanceOptions(**{**(guidance.__dict__ if guidance else {}), "w": w})
+    options = replace(guidance or GuidanceOptions(), w=w)
     embedding = manifest.facts.condition.kind is ConditionKind.EMBEDDING
     if options.negative is not None and embedding:
         options.negative = rows_for(check_embeddings(options.negative, manifest, "negative"), n, "negative")
@@ -116,23 +150,24 @@ def sample_guided(directory: str | Path, cond: Sequence[int] | np.ndarray, w: fl
         options.negative = check_labels(np.broadcast_to(options.negative, (n,)), manifest, "negative class")
     null_embedding = None
     if embedding and options.negative is None and manifest.layout is Layout.STACKED:
-        null_embedding = load_null_embedding(manifest, directory)
+        null_embedding = artifact.null_embedding()
     if manifest.batch is not None and n != manifest.batch:
         raise CfgExportError(f"the graph is static for N={manifest.batch} images; got {n}: sample "
                              f"{manifest.batch} images, or re-export without --batch")
-    sample_fn = get_sampler(sampler or DEFAULT_SAMPLER)
+    sampler = sampler or DEFAULT_SAMPLER
+    sample_fn = get_sampler(sampler)
     extra = {}
     if eta is not None:
-        if (sampler or DEFAULT_SAMPLER) != "ddim":
+        if sampler != "ddim":
             raise CfgExportError(f"eta applies to the ddim sampler only, not {sampler}")
         extra["eta"] = float(eta)
     alphas_cumprod = manifest.facts.schedule.alphas_cumprod()
     timesteps = make_timesteps(len(alphas_cumprod), DEFAULT_STEPS if steps is None else steps,
                                spacing or DEFAULT_SPACING)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(DEFAULT_SEED if seed is None else seed))
     x = make_noise(manifest, n, rng, noise)
     result = SampleResult(np.empty(0), cond, timesteps)
-    with make_backend(backend, manifest, directory) as runner:
+    with _runner(artifact, backend, backend_options) as runner:
         denoise = GuidedDenoiser(runner, alphas_cumprod, n, options, record=record, null_embedding=null_embedding)
         last = time.perf_counter()
 
@@ -143,8 +178,30 @@ def sample_guided(directory: str | Path, cond: Sequence[int] | np.ndarray, w: fl
             last = now
             if callback is not None:
                 callback(i, t, x_t)
+            if progress is not None:
+                progress(i + 1, len(timesteps))
 
         result.samples = sample_fn(denoise, x, cond, alphas_cumprod, timesteps, rng, on_step, **extra)
         result.model_seconds = denoise.model_seconds
+        result.rows = denoise.rows
         result.backend = runner.name
     return result
+
+
+def _manifest_for(artifact: Artifact, backend: str | None) -> Manifest:
+    """The manifest of the model file the named backend runs (the engine's for tensorrt)."""
+    stage = artifact.stage()
+    if backend == "tensorrt" or (backend in (None, "auto") and stage.onnx is None):
+        return artifact.model_file(engine=True).manifest
+    return artifact.model_file(engine=False).manifest
+
+
+def _check_backend_fits(artifact: Artifact, backend) -> None:
+    """An open backend given to sample_guided must run this artifact's denoiser."""
+    if not isinstance(backend, Backend):
+        return
+    stage = artifact.stage()
+    shas = {m.manifest.model_sha256 for m in (stage.onnx, stage.engine) if m is not None}
+    if backend.manifest.model_sha256 not in shas:
+        raise CfgExportError(f"the given {backend.name} backend runs another model than {artifact.directory}: "
+                             f"open it from this artifact (open_backend(artifact))")

@@ -3,7 +3,7 @@
 It follows the documented TensorRT Python API as far as cfg-export uses it, records what
 the builder asks for (LAST_BUILD), and "runs" an engine by running its source ONNX on
 ONNX Runtime CPU with inputs and outputs in fake device memory. The tests that use it
-check the wiring of cfg_export.engine_build and runtime.backends.trt (flags, profiles,
+check the wiring of cfg_export.build.builder and runtime.backends.trt (flags, profiles,
 FP32 constraints, shapes, buffers, CUDA graph capture, compatibility checks); they say
 nothing about TensorRT itself, which only the GPU tests exercise.
 """
@@ -16,7 +16,7 @@ import types
 
 import numpy as np
 
-from cfg_export.runtime.trt_compat import DeviceInfo
+from cfg_export.runtime.trt_versions import DeviceInfo
 
 MEMORY: dict[int, np.ndarray] = {}  # fake device memory: pointer -> bytes
 LAST_BUILD: dict = {}

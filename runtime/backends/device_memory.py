@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from ..errors import CfgExportError
-from ..trt_compat import DeviceInfo
+from ..trt_versions import DeviceInfo
 
 log = logging.getLogger(__name__)
 

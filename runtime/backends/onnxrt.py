@@ -36,13 +36,16 @@ def _specs(args) -> list[TensorSpec]:
 class OnnxRuntimeBackend(Backend):
     """An ONNX Runtime session over one .onnx file, on 'cpu' or 'cuda'."""
 
-    def __init__(self, path: str | Path, manifest: Manifest, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
+                 spinning: bool | None = None, device_id: int = 0):
         super().__init__(manifest)
         if device not in ("cpu", "cuda"):
             raise CfgExportError(f"onnxruntime device: got {device!r}, expected cpu or cuda")
         self.path = Path(path)
         self.device = device
         self.threads = threads
+        self.spinning = spinning
+        self.device_id = device_id
         self.name = f"onnxruntime-{device}"
         self.session = None
         self._buffers: dict[tuple, object] = {}  # (name, shape) -> OrtValue on the GPU
@@ -52,6 +55,8 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
+        if self.spinning is not None:  # worker threads spin after a call unless told not to
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         providers = self.providers(ort)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers)
@@ -72,7 +77,7 @@ class OnnxRuntimeBackend(Backend):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise CfgExportError("onnxruntime-cuda backend: this onnxruntime has no CUDA provider; "
                                      "pip install 'cfg-export[onnxruntime-gpu]' (without onnxruntime), or use onnxruntime-cpu")
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            return [("CUDAExecutionProvider", {"device_id": str(self.device_id)}), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
     def deactivate(self) -> None:
@@ -84,7 +89,7 @@ class OnnxRuntimeBackend(Backend):
         key = (name, shape)
         if key not in self._buffers:
             ort = _onnxruntime()
-            self._buffers[key] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
+            self._buffers[key] = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", self.device_id)
         return self._buffers[key]
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

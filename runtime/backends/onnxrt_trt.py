@@ -41,8 +41,9 @@ class OnnxRuntimeTensorRTBackend(OnnxRuntimeBackend):
     with device buffers reused across steps as for onnxruntime-cuda."""
 
     def __init__(self, path: str | Path, manifest: Manifest, cache_dir: str | Path | None = None, fp16: bool = False,
-                 max_batch: int | None = None):
-        super().__init__(path, manifest, device="cuda")
+                 max_batch: int | None = None, threads: int | None = None, spinning: bool | None = None,
+                 device_id: int = 0):
+        super().__init__(path, manifest, device="cuda", threads=threads, spinning=spinning, device_id=device_id)
         self.name = "onnxruntime-tensorrt"
         self.cache_dir = Path(cache_dir) if cache_dir is not None else Path(path).parent / CACHE_DIR
         self.fp16 = fp16
@@ -59,4 +60,6 @@ class OnnxRuntimeTensorRTBackend(OnnxRuntimeBackend):
             raise CfgExportError(f"engine cache {self.cache_dir}: cannot create it ({exc.strerror}); "
                                  f"make the artifact folder writable") from None
         options = ort_tensorrt_options(self.manifest, self.cache_dir, self.fp16, max_batch=self.max_batch)
-        return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+        options["device_id"] = str(self.device_id)
+        return [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": str(self.device_id)}),
+                "CPUExecutionProvider"]

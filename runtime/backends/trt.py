@@ -21,7 +21,7 @@ from .device_memory import DeviceBuffer, open_cuda
 from ..engine import engine_profiles, input_shape, pick_profile
 from ..errors import CfgExportError, require
 from ..manifest import Manifest, TensorSpec
-from ..trt_compat import INT64_IO_SINCE, DeviceInfo, TrtVersion, check_engine
+from ..trt_versions import INT64_IO_SINCE, DeviceInfo, TrtVersion, check_engine
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +133,29 @@ class TensorRTBackend(Backend):
             raise CfgExportError(f"{self.path} does not match its manifest: {'; '.join(diffs)}; rebuild the engine")
 
     def deactivate(self) -> None:
+        """Releases everything in the reverse order of creation: CUDA graphs and buffers, the
+        stream, the execution contexts, the engine and its runtime, and the CUDA context last
+        (an engine or context destroyed after its CUDA context would touch freed state)."""
         cuda = self._cuda
-        if cuda is not None:
-            if self._stream is not None:
-                cuda.synchronize(self._stream)
-            for slot in self._slots.values():
-                if slot.graph is not None:
-                    cuda.destroy_graph(slot.graph)
-                for buffer in slot.buffers.values():
-                    buffer.free()
-            if self._stream is not None:
-                cuda.destroy_stream(self._stream)
-            cuda.close()
+        if cuda is not None and self._stream is not None:
+            cuda.synchronize(self._stream)
+        for slot in self._slots.values():
+            if slot.graph is not None:
+                cuda.destroy_graph(slot.graph)
+            for buffer in slot.buffers.values():
+                buffer.free()
+            slot.context = None
+        if cuda is not None and self._stream is not None:
+            cuda.destroy_stream(self._stream)
         self._slots.clear()
-        self._contexts.clear()
         self._active.clear()
-        self._cuda = self._stream = self._engine = self._runtime = None
+        self._contexts.clear()
+        self._engine = None
+        self._runtime = None
+        self._stream = None
+        self._cuda = None
+        if cuda is not None:
+            cuda.close()
 
     def _context_for(self, profile: int):
         """The execution context of `profile`, made on first use (TensorRT lets one context

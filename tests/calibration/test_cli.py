@@ -27,5 +27,5 @@ def test_quantize_refuses_both_quantize_all_and_keep(tiny_artifacts, tiny_calib,
     assert proc.returncode == 1
     assert proc.stderr.strip() == "Error: --quantize-all and --keep-fp32: give one of the two"
     proc = run_cli("calibrate", tiny_artifacts / "stacked", "-o", tmp_path / "c.npz", "--classes", "0,x")
-    assert proc.stderr.strip() == "Error: --classes: got '0,x', expected integers separated by commas"
+    assert proc.stderr.strip() == "Error: --classes: got '0,x', expected integers separated by commas, like 0,1,2"
     assert not np.any([p.name.startswith("c.npz") for p in tmp_path.iterdir()])

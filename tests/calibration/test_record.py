@@ -11,7 +11,7 @@ from cfg_export.calibration.data import load_calibration
 from cfg_export.calibration.record import MIN_STEPS, pick_steps, record_calibration
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.manifest import read_manifest
-from tests.calibration.conftest import TINY_STEPS
+from tests.conftest import TINY_STEPS
 
 NULL = 3  # tests.models: 3 classes, null class 3
 T = 100  # tests.models' training timesteps

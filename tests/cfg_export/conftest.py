@@ -29,7 +29,7 @@ def diffusers_folders(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def diffusers_artifacts(diffusers_folders, tmp_path_factory) -> dict[str, Path]:
     """Each family exported by cfg-export (stacked layout, dynamic batch)."""
-    from cfg_export.export import export_onnx
+    from cfg_export.export.exporter import export_onnx
 
     root = tmp_path_factory.mktemp("diffusers_artifacts")
     artifacts = {name: root / name for name in ("unet2d", "sd", "dit")}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from cfg_export.bench import parse_batches, run_bench
-from cfg_export.evaluate import evaluate_guidance, frechet_distance, inception_score
+from cfg_export.evaluation.bench import run_bench
+from cfg_export.evaluation.evaluate import evaluate_guidance, frechet_distance, inception_score
 from cfg_export.runtime.errors import CfgExportError
 from tests.conftest import run_cli
 
@@ -26,11 +26,14 @@ def test_frechet_distance_matches_scipy_sqrtm():
     assert frechet_distance(m1, c1, m1, c1) == pytest.approx(0.0, abs=1e-8)
 
 
-def test_parse_batches():
-    assert parse_batches("1,4,16") == [1, 4, 16]
-    for bad in ("1,x", "", "0", "-2"):
-        with pytest.raises(CfgExportError, match="--batch: got .* expected image counts separated by commas"):
-            parse_batches(bad)
+def test_bad_batches_are_refused(digits_artifact):
+    for bad in ([0], [-2], []):
+        with pytest.raises(CfgExportError, match="--batch: got .* expected image counts >= 1"):
+            run_bench([digits_artifact], bad)
+    for bad in ("1,x", "", "0"):
+        proc = run_cli("bench", digits_artifact, "--batch", bad, "-q")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("Error: --batch: got"), proc.stderr
 
 
 def test_bench_rows_and_ratios(tiny_artifacts):

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel  # noqa: E402
 
-from cfg_export.diffusers_models import SUPPORTED, load_diffusers  # noqa: E402
+from cfg_export.export.diffusers_models import SUPPORTED, load_diffusers  # noqa: E402
 from cfg_export.runtime.errors import CfgExportError  # noqa: E402
 from cfg_export.runtime.manifest import read_manifest  # noqa: E402
 from tests import tiny_diffusers  # noqa: E402
@@ -137,7 +137,7 @@ def test_text_conditioned_unet_matches_diffusers(diffusers_artifacts, diffusers_
 
 def test_fused_layout_with_a_null_embedding(tmp_path, diffusers_folders, diffusers_modules):
     """The fused graph holds the null embedding: its w mix equals diffusers' guidance_scale form."""
-    from cfg_export.export import export_onnx
+    from cfg_export.export.exporter import export_onnx
 
     export_onnx(str(diffusers_folders["sd"]), tmp_path / "fused", layout="fused",
                 null_embedding=diffusers_folders["null"], check=False)  # checked against diffusers here
@@ -229,7 +229,7 @@ def test_bad_diffusers_input_cli(tmp_path, diffusers_folders, case):
 
 @pytest.mark.parametrize("case", [c for c in BAD_INPUT if c not in CLI_CASES])
 def test_bad_diffusers_input(tmp_path, diffusers_folders, case):
-    from cfg_export.export import export_onnx
+    from cfg_export.export.exporter import export_onnx
 
     model, options = bad_model(tmp_path, diffusers_folders, case)
     kwargs = dict(zip([o.lstrip("-").replace("-", "_") for o in options[::2]], options[1::2]))

@@ -218,4 +218,4 @@ def test_cli_class_model_refuses_embedding_files(diffusers_artifacts, tmp_path):
     proc = run_runtime(diffusers_artifacts["dit"], "--cond", tmp_path / "cond.npy", "--npy", tmp_path / "x.npy")
     assert proc.returncode == 1 and "--cond: this model takes class labels; use --classes" in proc.stderr
     proc = run_runtime(diffusers_artifacts["dit"], "--classes", "3", "--negative", "x", "--npy", tmp_path / "x.npy")
-    assert proc.returncode == 1 and "--negative: expected integers separated by commas" in proc.stderr
+    assert proc.returncode == 1 and "--negative: got 'x', expected integers separated by commas" in proc.stderr

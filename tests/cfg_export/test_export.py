@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cfg_export.export import export_onnx
-from cfg_export.loading import load_model
+from cfg_export.export.exporter import export_onnx
+from cfg_export.export.loading import load_model
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.manifest import METADATA_KEY, read_manifest
 from tests import models

@@ -7,10 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from cfg_export.engine_build import build_engine
-from cfg_export.engine_plan import EngineOptions
-from cfg_export.runtime.backends import make_backend
-from cfg_export.runtime.engine import read_engine_manifest
+from cfg_export.build.builder import build_engine
+from cfg_export.build.plan import EngineOptions
+from cfg_export.runtime.artifact import Artifact
+from cfg_export.runtime.backends import open_backend
+
+
+def read_engine_manifest(directory):
+    return Artifact.open(directory).model_file(engine=True).manifest
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.files import sha256_file
 from cfg_export.runtime.guidance import GuidanceOptions
@@ -78,7 +82,7 @@ def test_fp32_engine_manifest(fp32_engine, tiny_artifacts):
 
 def test_fp32_engine_matches_onnxruntime(fp32_engine, tiny_artifacts):
     out, _ = fp32_engine
-    with make_backend("tensorrt", read_engine_manifest(out), out) as backend:
+    with open_backend(out, "tensorrt") as backend:
         for n in (1, 3, 4, 1):  # shapes change and come back: buffers are reused per shape
             batch = feeds(n, seed=n)
             (got,) = backend.infer(batch).values()
@@ -113,7 +117,7 @@ def test_fp16_routes(tiny_artifacts, tmp_path, typed):
     m = read_engine_manifest(out)
     assert m.precision == "fp16" and m.engine["route"] == result.plan.route.name
     batch = feeds(2)
-    with make_backend("tensorrt", m, out) as backend:
+    with open_backend(out, "tensorrt") as backend:
         (got,) = backend.infer(batch).values()
     assert rel_error(got, onnxruntime_eps(tiny_artifacts / "stacked", batch)) < FP16_TOLERANCE
 
@@ -124,7 +128,7 @@ def test_engine_for_another_gpu_is_refused(fp32_engine, tmp_path):
     facts["engine"]["compute_capability"] = "5.0"
     (out / "engine.json").write_text(json.dumps(facts))
     with pytest.raises(CfgExportError, match=r"compute capability 5\.0.*rebuild it here with: cfg-export trt"):
-        with make_backend("tensorrt", read_engine_manifest(out), out):
+        with open_backend(out, "tensorrt"):
             pass
 
 

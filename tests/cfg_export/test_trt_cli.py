@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cfg_export.cli import main
-from cfg_export.engine_plan import EngineOptions, plan_engine, rebuild_command
+from cfg_export.build.plan import EngineOptions, plan_engine, rebuild_command
 from cfg_export.runtime.errors import CfgExportError
 from tests.conftest import has_module, run_cli
 
@@ -77,22 +77,38 @@ def test_print_trtexec_on_tensorrt_11_writes_the_fp16_onnx(artifact, tmp_path):
     assert [p.name for p in out_dir.iterdir()] == ["model.fp16.onnx"]
 
 
-def test_print_trtexec_strongly_typed_on_10_and_int8_routes(artifact, tmp_path):
+def test_print_trtexec_strongly_typed_on_10_and_int8_routes(tiny_artifacts, tiny_calib, tmp_path):
+    from cfg_export.calibration.quantize import QuantizeOptions, quantize_artifact
+
+    artifact = tmp_path / "fp32"
+    shutil.copytree(tiny_artifacts / "stacked", artifact)
     code, out = cli("trt", artifact, "--fp16", "--strongly-typed", "--print-trtexec", "--trt-version", "10.3",
                     "--max-batch", 1)
     assert code == 0 and out.splitlines()[-1].endswith("--stronglyTyped"), out
-    qdq = tmp_path / "model.qdq.onnx"
-    shutil.copyfile(artifact / "model.onnx", qdq)
+    everything = QuantizeOptions(keep_fp32=())  # the tiny model's two convolutions are the first and the last
+    qdq = quantize_artifact(artifact, tiny_calib.path, tmp_path / "int8", everything).directory / "model.onnx"
     code, out = cli("trt", artifact, "--int8", "--int8-onnx", qdq, "--print-trtexec", "--trt-version", "11.4.1",
                     "--max-batch", 1)
     assert code == 0 and out.splitlines()[0] == "# TensorRT 11.4.1: int8 via qdq", out
     assert f"--onnx={qdq} " in out and "--int8" not in out.splitlines()[1]
-    data = tmp_path / "calib.npz"
-    data.write_bytes(b"")
-    code, out = cli("trt", artifact, "--int8", "--calibration-data", data, "--print-trtexec", "--trt-version", "10.3",
-                    "--max-batch", 1)
+    # a model without Q/DQ nodes gives TensorRT no ranges: refused, not printed with --int8
+    code, out = cli("trt", artifact, "--int8", "--int8-onnx", artifact / "model.onnx", "--print-trtexec",
+                    "--trt-version", "10.3", "--max-batch", 1)
+    assert code == 1 and "has no QuantizeLinear/DequantizeLinear nodes" in out, out
+    # trtexec reads a calibration cache, not the recorded inputs: refused until a build has written the cache
+    code, out = cli("trt", artifact, "--int8", "--calibration-data", tiny_calib.path, "--print-trtexec",
+                    "--trt-version", "10.3", "--max-batch", 1)
+    assert code == 1 and "calibration.cache does not exist yet" in out, out
+    (artifact / "calibration.cache").write_bytes(b"ranges a build wrote")
+    code, out = cli("trt", artifact, "--int8", "--calibration-data", tiny_calib.path, "--print-trtexec",
+                    "--trt-version", "10.3", "--max-batch", 1)
     assert code == 0, out
     assert out.splitlines()[1].endswith(f"--int8 --calib={artifact}/calibration.cache")
+    # a calibration file of another model is refused by --print-trtexec too
+    other = tmp_path / "other.npz"
+    other.write_bytes(b"")
+    code, out = cli("trt", artifact, "--int8", "--calibration-data", other, "--print-trtexec", "--trt-version", "10.3")
+    assert code == 1 and "is empty" in out, out
 
 
 def test_print_trtexec_layouts(tiny_artifacts):
@@ -108,10 +124,12 @@ def test_print_trtexec_layouts(tiny_artifacts):
     (["--min-batch", 4, "--max-batch", 2], "Error: profile: got --min-batch 4, --opt-batch 2, --max-batch 2 (images "
                                            "N); expected min <= opt <= max"),
     (["--int8", "--trt-version", "11"], "Error: INT8 on TensorRT 11.0.0 needs a Q/DQ model (11.x has no calibrators): "
-                                        "make one with `cfg-export calibrate` and pass it with --int8-onnx"),
-    (["--fp16", "--dla-core", 0, "--trt-version", "11.2"], "Error: TensorRT 11.2.0 has no DLA support (back in 11.4.1 "
-                                                           "for Jetson AGX Orin): drop --dla-core, or use TensorRT "
-                                                           "10.x (JetPack 6)"),
+                                        "make one with `cfg-export calibrate` then `cfg-export quantize`, and pass its "
+                                        "model.onnx with --int8-onnx"),
+    (["--fp16", "--dla-core", 0, "--trt-version", "11.2"], "Error: TensorRT 11.2.0 has no DLA support (unavailable "
+                                                           "in 11.0 through 11.3; back in 11.4.1 for Jetson AGX Orin "
+                                                           "with JetPack 7.2.2+): drop --dla-core, or use the "
+                                                           "TensorRT 10.x your JetPack ships"),
     (["--keep-fp32", "@norm"], "Error: --keep-fp32 applies to FP16 builds: add --fp16, or drop --keep-fp32"),
     (["--fp16", "--keep-fp32", "/nowhere/*"], "Error: --keep-fp32 '/nowhere/*': matches no node (got neither an op "
                                                "type of the graph nor a node name); node names look like "

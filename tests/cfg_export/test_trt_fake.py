@@ -10,17 +10,17 @@ import sys
 import numpy as np
 import pytest
 
-from cfg_export.engine_build import build_engine
-from cfg_export.engine_plan import EngineOptions
+from cfg_export.build.builder import build_engine
+from cfg_export.build.plan import EngineOptions
 from cfg_export.runtime.backends import device_memory
 from cfg_export.runtime.backends import trt as trt_backend
 from cfg_export.runtime.backends.trt import TensorRTBackend
-from cfg_export.runtime.engine import read_engine_manifest
+from cfg_export.runtime.artifact import Artifact
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.files import sha256_file
 from cfg_export.runtime.guidance import GuidanceOptions
 from cfg_export.runtime.pipeline import sample_guided
-from cfg_export.runtime.trt_compat import DeviceInfo
+from cfg_export.runtime.trt_versions import DeviceInfo
 from tests import fake_tensorrt
 from tests.cfg_export.test_trt_cli import TINY_KEPT
 from tests.fake_tensorrt import FakeCuda
@@ -207,3 +207,7 @@ def test_calls_outside_the_profiles_are_refused(fake, fp32_engine):
         with pytest.raises(CfgExportError, match=r"got a call of 18 rows, expected rows in its profiles \(2\.\.16, "
                                                  r"1\.\.8\); rebuild it with a larger --max-batch"):
             backend.infer(feeds(18))
+
+
+def read_engine_manifest(directory):
+    return Artifact.open(directory).stage().engine.manifest

@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from cfg_export.export import export_onnx
-from cfg_export.fp16 import DEFAULT_KEEP_FP32, FP16_METADATA_KEY, convert_fp16, write_fp16_model
+from cfg_export.export.exporter import export_onnx
+from cfg_export.build.fp16 import DEFAULT_KEEP_FP32, FP16_METADATA_KEY, convert_fp16, write_fp16_model
 from cfg_export.runtime.errors import CfgExportError
 from tests.conftest import DIGITS
 

@@ -3,7 +3,7 @@ null rows of the stacked batch."""
 import numpy as np
 import pytest
 
-from cfg_export.runtime.conditions import check_embeddings, load_null_embedding, rows_for
+from cfg_export.runtime.conditions import check_embeddings, read_null_embedding, rows_for
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser
 from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
@@ -59,15 +59,15 @@ def test_rows_for():
         rows_for(np.concatenate([e, e]), 3, "negative")
 
 
-def test_load_null_embedding(tmp_path):
+def test_read_null_embedding(tmp_path):
     manifest = make_manifest()
     with pytest.raises(CfgExportError, match="null_embedding.npy: cannot read the null embedding"):
-        load_null_embedding(manifest, tmp_path)
+        read_null_embedding(manifest, tmp_path)
     np.save(tmp_path / "null_embedding.npy", np.ones((L + 1, D)))
     with pytest.raises(CfgExportError, match=r"null embedding of shape \[4, 4\], the manifest says \[3, 4\]"):
-        load_null_embedding(manifest, tmp_path)
+        read_null_embedding(manifest, tmp_path)
     np.save(tmp_path / "null_embedding.npy", np.ones((L, D), np.float64))
-    assert load_null_embedding(manifest, tmp_path).dtype == np.float32
+    assert read_null_embedding(manifest, tmp_path).dtype == np.float32
 
 
 def run(options, null_embedding=None, layout=Layout.STACKED):

@@ -150,7 +150,7 @@ def test_cli_non_image_samples(tiny_artifacts, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--noise", "missing.npy"], "--noise missing.npy: cannot read it as .npy"),
     (["--n", "0"], "--n: got 0, expected at least 1"),
-    (["--interval", "1"], "--interval: got [1.0], expected two noise levels"),
+    (["--interval", "1"], "--interval: got '1', expected two noise levels"),
     ([], "nothing to write"),
 ])
 def test_cli_bad_input(tiny_artifacts, tmp_path, args, message):
@@ -160,7 +160,7 @@ def test_cli_bad_input(tiny_artifacts, tmp_path, args, message):
 
 
 def test_cli_asks_for_classes_when_there_are_many(tmp_path):
-    from cfg_export.export import export_onnx
+    from cfg_export.export.exporter import export_onnx
 
     export_onnx("tests.models:many_classes", tmp_path / "a", check=False)
     proc = run_runtime(tmp_path / "a", "--steps", "2", "--npy", tmp_path / "x.npy")

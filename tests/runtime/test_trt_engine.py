@@ -6,13 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from cfg_export.runtime.backends import BACKENDS, make_backend
+from cfg_export.build.profiles import make_profiles
+from cfg_export.runtime.artifact import Artifact
+from cfg_export.runtime.backends import BACKENDS, open_backend
 from cfg_export.runtime.backends.onnxrt_trt import ort_tensorrt_options
-from cfg_export.runtime.engine import (ENGINE_FILE, ENGINE_MANIFEST, Profile, engine_only, engine_profiles, make_profiles,
-                            pick_profile, read_artifact_manifest, read_engine_manifest, resolve_batches, shapes_text)
+from cfg_export.runtime.engine import (ENGINE_FILE, ENGINE_MANIFEST, Profile, engine_profiles, pick_profile,
+                                       resolve_batches, shapes_text)
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.manifest import read_manifest
-from cfg_export.runtime.pipeline import open_artifact
 from tests.conftest import has_module
 
 
@@ -129,7 +130,7 @@ def fake_engine_folder(tiny_artifacts, target, keep_onnx=True):
 
 def test_engine_manifest_roundtrip(tiny_artifacts, tmp_path):
     written = fake_engine_folder(tiny_artifacts, tmp_path / "a")
-    m = read_engine_manifest(tmp_path / "a")
+    m = Artifact.open(tmp_path / "a").stage().engine.manifest
     assert m == written and m.model_file == "model.engine" and m.precision == "fp16"
     assert [p.rows for p in engine_profiles(m)] == [(2, 4, 8)]
     assert m.facts == read_manifest(tiny_artifacts / "stacked").facts
@@ -138,35 +139,34 @@ def test_engine_manifest_roundtrip(tiny_artifacts, tmp_path):
 def test_manifest_choice_per_backend(tiny_artifacts, tmp_path):
     fake_engine_folder(tiny_artifacts, tmp_path / "both")
     fake_engine_folder(tiny_artifacts, tmp_path / "engine", keep_onnx=False)
-    assert not engine_only(tmp_path / "both") and engine_only(tmp_path / "engine")
-    assert read_artifact_manifest(tmp_path / "both").model_file == "model.onnx"
-    assert read_artifact_manifest(tmp_path / "both", "tensorrt").model_file == "model.engine"
-    assert read_artifact_manifest(tmp_path / "engine").model_file == "model.engine"
-    assert open_artifact(tmp_path / "engine", "auto").model_file == "model.engine"
+    both, engine = Artifact.open(tmp_path / "both"), Artifact.open(tmp_path / "engine")
+    assert both.stage().onnx is not None and engine.stage().onnx is None
+    assert both.manifest.model_file == "model.onnx"
+    assert both.model_file(engine=True).manifest.model_file == "model.engine"
+    assert engine.manifest.model_file == "model.engine"
     (tmp_path / "engine" / ENGINE_FILE).write_bytes(b"changed")
     with pytest.raises(CfgExportError, match=r"model\.engine does not match its manifest"):
-        open_artifact(tmp_path / "engine")
+        Artifact.open(tmp_path / "engine").model_file()
 
 
 def test_tensorrt_backend_without_engine_says_how_to_build(tiny_artifacts):
     with pytest.raises(CfgExportError, match=r"no engine\.json in it; build an engine with: cfg-export trt"):
-        open_artifact(tiny_artifacts / "stacked", "tensorrt")
-    m = read_manifest(tiny_artifacts / "stacked")
+        Artifact.open(tiny_artifacts / "stacked").model_file(engine=True)
     with pytest.raises(CfgExportError, match=r"no engine\.json in it; build an engine with: cfg-export trt"):
-        make_backend("tensorrt", m, tiny_artifacts / "stacked")
+        open_backend(tiny_artifacts / "stacked", "tensorrt")
 
 
 def test_onnxruntime_refuses_an_engine_folder(tiny_artifacts, tmp_path):
-    m = fake_engine_folder(tiny_artifacts, tmp_path / "engine", keep_onnx=False)
+    fake_engine_folder(tiny_artifacts, tmp_path / "engine", keep_onnx=False)
     with pytest.raises(CfgExportError, match=r"holds a TensorRT engine, not an ONNX model; use --backend tensorrt"):
-        make_backend("onnxruntime-cpu", m, tmp_path / "engine")
+        open_backend(tmp_path / "engine", "onnxruntime-cpu")
     assert {"tensorrt", "onnxruntime-tensorrt"} <= set(BACKENDS)
 
 
 @pytest.mark.skipif(has_module("tensorrt"), reason="tensorrt is installed: the missing-package message cannot show")
 def test_tensorrt_backend_names_the_extra(tiny_artifacts, tmp_path):
-    m = fake_engine_folder(tiny_artifacts, tmp_path / "engine", keep_onnx=False)
-    backend = make_backend(None, m, tmp_path / "engine")  # auto: a folder holding only an engine
+    fake_engine_folder(tiny_artifacts, tmp_path / "engine", keep_onnx=False)
+    backend = open_backend(tmp_path / "engine")  # auto: a folder holding only an engine
     assert backend.name == "tensorrt"
     with pytest.raises(CfgExportError, match=r"^tensorrt is not installed .*pip install 'cfg-export\[tensorrt\]'$"):
         with backend:
@@ -176,8 +176,7 @@ def test_tensorrt_backend_names_the_extra(tiny_artifacts, tmp_path):
 @pytest.mark.skipif(has_module("onnxruntime") and "TensorrtExecutionProvider" in __import__(
     "onnxruntime").get_available_providers(), reason="this onnxruntime has the TensorRT provider")
 def test_ort_tensorrt_backend_refuses_without_the_provider(tiny_artifacts):
-    m = read_manifest(tiny_artifacts / "stacked")
-    backend = make_backend("onnxruntime-tensorrt", m, tiny_artifacts / "stacked")
+    backend = open_backend(tiny_artifacts / "stacked", "onnxruntime-tensorrt")
     with pytest.raises(CfgExportError, match=r"this onnxruntime has no TensorRT provider .*--backend tensorrt"):
         with backend:
             pass

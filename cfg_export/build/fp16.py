@@ -40,7 +40,7 @@ from cfg_export.runtime.files import staged_file
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_FP32 = ("@norm", "Softmax", "@embedding", "@first-conv", "@last-conv")  # same set as INT8's
-FP16_METADATA_KEY = "cfg_export.fp16"
+FP16_METADATA_KEY = "cfg_export.build.fp16"
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfg_export.loading import CONFIG_NAME, LoadedModel
+from cfg_export.export.loading import CONFIG_NAME, LoadedModel
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import ModelFacts
 from cfg_export.runtime.schedule import BetaSchedule

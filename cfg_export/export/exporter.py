@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfg_export import __version__
-from cfg_export.loading import LoadedModel, load_model
+from cfg_export.export.loading import LoadedModel, load_model
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import staged_dir
 from cfg_export.runtime.manifest import METADATA_KEY, ConditionKind, Layout, Manifest, TensorSpec, parse_enum
@@ -177,7 +177,7 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
     the model is validated by onnx.checker and ONNX Runtime against PyTorch, and a
     relative error above `tolerance` raises CfgExportError (nothing is written then).
     null_class, null_embedding (a .npy [L, D]): the null condition of a diffusers model
-    folder (see cfg_export.diffusers_models); the null embedding is stored in the artifact.
+    folder (see cfg_export.export.diffusers_models); the null embedding is stored in the artifact.
     """
     layout = parse_enum(Layout, layout or Layout.STACKED, "layout")
     opset = DEFAULT_OPSET if opset is None else int(opset)
@@ -185,7 +185,7 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
     if batch is not None and int(batch) < 1:
         raise CfgExportError(f"--batch: got {batch}, expected images N >= 1")
     torch = require("torch", "export")
-    from cfg_export import wrappers
+    from cfg_export.export import wrappers
 
     start = time.perf_counter()
     loaded = load_model(model, null_class=null_class, null_embedding=null_embedding)

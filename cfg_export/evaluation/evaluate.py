@@ -12,19 +12,22 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from cfg_export.runtime.artifact import Artifact, as_artifact
+from cfg_export.runtime.backends import open_backend
 from cfg_export.runtime.errors import CfgExportError, require
-from cfg_export.runtime.pipeline import open_artifact, sample_guided
+from cfg_export.runtime.pipeline import DEFAULT_SEED, sample_guided
+from cfg_export.runtime.progress import Progress, scaled
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 4.0)  # the paper's Table 2 grid, and a few more
 DEFAULT_PER_CLASS = 30
 DEFAULT_STEPS = 50
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (examples/ is not installed)
 DEFAULT_CLASSIFIER = ROOT / "examples" / "digits" / "classifier" / "classifier.onnx"
 DEFAULT_REFERENCE = ROOT / "examples" / "digits" / "classifier" / "real_features.npz"
 
@@ -61,52 +64,63 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def evaluate_guidance(directory: str | Path, ws: Sequence[float] | None = None, *, per_class: int | None = None,
-                      steps: int | None = None, sampler: str | None = None, seed: int = 0,
-                      classifier: str | Path | None = None, reference: str | Path | None = None,
-                      backend: str | None = None,
-                      progress: Callable[[float], None] | None = None) -> list[EvalRow]:
+def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | None = None, *,
+                      per_class: int | None = None, steps: int | None = None, sampler: str | None = None,
+                      seed: int | None = None, classifier: str | Path | None = None,
+                      reference: str | Path | None = None, backend: str | None = None,
+                      progress: Progress | None = None) -> list[EvalRow]:
     """Returns one EvalRow per w: `per_class` samples of every class with the same noise
     for every w (seeded), scored by `classifier` (ONNX: input [B, *S] -> outputs 'logits'
-    [B, K] and 'features' [B, F]) against `reference` (.npz with 'mean' [F], 'cov' [F, F])."""
+    [B, K] and 'features' [B, F]) against `reference` (.npz with 'mean' [F], 'cov' [F, F]).
+    The artifact is opened once and one backend session serves every w."""
     ort = require("onnxruntime", "onnxruntime")
     ws = list(DEFAULT_WS if ws is None else ws)
     per_class = DEFAULT_PER_CLASS if per_class is None else int(per_class)
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    seed = DEFAULT_SEED if seed is None else seed
     if per_class < 2:
         raise CfgExportError(f"per class: got {per_class}, expected at least 2 samples per class")
-    manifest = open_artifact(directory)
+    artifact = as_artifact(artifact)
+    manifest = artifact.manifest
     num_classes = manifest.facts.condition.num_classes
     if num_classes is None:
         raise CfgExportError("eval needs a class-conditional model (condition kind 'class')")
     classifier = Path(classifier or DEFAULT_CLASSIFIER)
     reference = Path(reference or DEFAULT_REFERENCE)
-    for path, what in ((classifier, "classifier"), (reference, "reference statistics")):
+    for path, what, option in ((classifier, "classifier", "--classifier"),
+                               (reference, "reference statistics", "--reference")):
         if not path.is_file():
-            raise CfgExportError(f"{what} {path}: no such file")
+            raise CfgExportError(f"{what} {path}: no such file; pass {option} (the digits ones are in the "
+                                 f"repository's examples/digits/classifier/)")
     stats = np.load(reference)
     session = ort.InferenceSession(str(classifier), providers=["CPUExecutionProvider"])
     image_name = session.get_inputs()[0].name
     labels = np.repeat(np.arange(num_classes), per_class)
     noise = np.random.default_rng(seed).standard_normal((len(labels), *manifest.facts.sample_shape))
     rows = []
-    for i, w in enumerate(ws):
-        samples = sample_guided(directory, labels, float(w), steps=steps or DEFAULT_STEPS, sampler=sampler,
-                                seed=seed, noise=noise, backend=backend).samples
-        logits, features = session.run(["logits", "features"], {image_name: samples})
-        if logits.shape[1] != num_classes:
-            raise CfgExportError(f"classifier gives {logits.shape[1]} classes, the model has {num_classes}")
-        features = features.astype(np.float64)
-        rows.append(EvalRow(
-            w=float(w),
-            accuracy=float((logits.argmax(1) == labels).mean()),
-            inception_score=inception_score(_softmax(logits.astype(np.float64))),
-            frechet_distance=frechet_distance(features.mean(0), np.cov(features, rowvar=False),
-                                              stats["mean"], stats["cov"]),
-            samples=len(labels)))
-        log.info("w=%g: %s", w, rows[-1])
-        if progress is not None:
-            progress((i + 1) / len(ws))
+    with open_backend(artifact, backend) as runner:
+        for i, w in enumerate(ws):
+            samples = sample_guided(artifact, labels, float(w), steps=steps, sampler=sampler, seed=seed, noise=noise,
+                                    backend=runner, progress=scaled(progress, i * steps, len(ws) * steps)).samples
+            rows.append(_score(session, image_name, samples, labels, num_classes, stats, float(w)))
+            log.info("w=%g: %s", w, rows[-1])
     return rows
+
+
+def _score(session, image_name: str, samples: np.ndarray, labels: np.ndarray, num_classes: int, stats,
+           w: float) -> EvalRow:
+    """Scores one sample set with the classifier session."""
+    logits, features = session.run(["logits", "features"], {image_name: samples})
+    if logits.shape[1] != num_classes:
+        raise CfgExportError(f"classifier gives {logits.shape[1]} classes, the model has {num_classes}")
+    features = features.astype(np.float64)
+    return EvalRow(
+        w=w,
+        accuracy=float((logits.argmax(1) == labels).mean()),
+        inception_score=inception_score(_softmax(logits.astype(np.float64))),
+        frechet_distance=frechet_distance(features.mean(0), np.cov(features, rowvar=False),
+                                          stats["mean"], stats["cov"]),
+        samples=len(labels))
 
 
 def rows_to_dicts(rows: Sequence) -> list[dict]:

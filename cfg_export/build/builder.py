@@ -4,7 +4,7 @@ Written against TensorRT's documented Python API (10.x and 11.x; 8.6 and 9.x too
 Builder, create_network, OnnxParser, BuilderConfig (memory pool limit, optimization
 level, precision flags where the version has them, optimization profiles, timing cache,
 DLA, hardware and version compatibility), build_serialized_network. Every difference
-between versions is decided in runtime.trt_compat; this module only looks the chosen
+between versions is decided in cfg_export.build.routes; this module only looks the chosen
 names up on the installed tensorrt. tensorrt is imported when a build starts, so this
 module imports without it.
 """
@@ -18,11 +18,13 @@ from pathlib import Path
 
 
 from cfg_export import __version__
-from cfg_export.engine_plan import EngineOptions, EnginePlan, plan_engine, rebuild_command
+from cfg_export.build.plan import EngineOptions, EnginePlan, plan_engine, rebuild_command
+from cfg_export.runtime.artifact import Artifact
 from cfg_export.runtime.engine import ENGINE_MANIFEST
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import sha256_file, staged_file
-from cfg_export.runtime.trt_compat import DeviceInfo, Int8Source, TrtVersion
+from cfg_export.build.routes import Int8Source
+from cfg_export.runtime.trt_versions import DeviceInfo, TrtVersion
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def installed_trt_version() -> str | None:
 def _member(enum_type, name: str, what: str, version: TrtVersion):
     member = getattr(enum_type, name, None)
     if member is None:
-        raise CfgExportError(f"TensorRT {version} has no {what}.{name}; the version rules in runtime/trt_compat.py "
+        raise CfgExportError(f"TensorRT {version} has no {what}.{name}; the version rules in cfg_export/build/routes.py "
                              f"do not fit this TensorRT: report it, or build with trtexec (--print-trtexec)")
     return member
 
@@ -79,7 +81,7 @@ def _network(trt, builder, plan: EnginePlan, source: Path, logger):
 def _constrain_fp32(trt, network, plan: EnginePlan) -> int:
     """Builder-flag route: marks the layers made from the kept ONNX nodes as FP32 (by layer
     name, or by output tensor name, which the parser keeps); returns how many."""
-    from cfg_export.fp16 import kept_float_nodes
+    from cfg_export.build.fp16 import kept_float_nodes
 
     onnx = require("onnx", "export")
     nodes = kept_float_nodes(onnx.load(str(plan.onnx_path)), plan.keep_fp32)
@@ -160,7 +162,7 @@ def _save_timing_cache(config, path: Path) -> None:
         tmp.write_bytes(bytes(memoryview(cache.serialize())))
 
 
-def build_engine(directory: str | Path, out_dir: str | Path | None = None,
+def build_engine(artifact: "Artifact | str | Path", out_dir: str | Path | None = None,
                  options: EngineOptions | None = None) -> EngineResult:
     """Returns what was built: `model.engine` and `engine.json` in out_dir (default: the
     artifact folder), from the artifact's model.onnx (or the Q/DQ model of options.int8_onnx).
@@ -174,7 +176,7 @@ def build_engine(directory: str | Path, out_dir: str | Path | None = None,
     from cfg_export.runtime.backends.device_memory import open_cuda
 
     start = time.perf_counter()
-    plan = plan_engine(directory, out_dir, trt.__version__, options)
+    plan = plan_engine(artifact, out_dir, trt.__version__, options)
     cuda = open_cuda()
     try:
         device = cuda.device_info()
@@ -182,7 +184,7 @@ def build_engine(directory: str | Path, out_dir: str | Path | None = None,
         plan.out_dir.mkdir(parents=True, exist_ok=True)
         source = plan.onnx_path
         if plan.fp16_onnx_path is not None:
-            from cfg_export.fp16 import write_fp16_model
+            from cfg_export.build.fp16 import write_fp16_model
 
             result.fp16 = write_fp16_model(plan.onnx_path, plan.fp16_onnx_path, plan.keep_fp32)
             source = plan.fp16_onnx_path
@@ -252,19 +254,18 @@ class TrtexecResult:
     assumed: bool = False  # no version was given and none is installed: the default (10) was used
 
 
-def prepare_trtexec(directory: str | Path, out_dir: str | Path | None = None, trt_version: str | None = None,
-                    options: EngineOptions | None = None) -> TrtexecResult:
+def prepare_trtexec(artifact: "Artifact | str | Path", out_dir: str | Path | None = None,
+                    trt_version: str | None = None, options: EngineOptions | None = None) -> TrtexecResult:
     """Returns the trtexec command that builds what build_engine would, for TensorRT
     `trt_version` (default: the installed one, else 10). Needs no TensorRT; on the typed
     FP16 route it writes the FP16-typed ONNX the command reads (model.fp16.onnx)."""
-    from cfg_export.engine_plan import trtexec_command
+    from cfg_export.build.plan import trtexec_command
 
     version = trt_version or installed_trt_version()
-    plan = plan_engine(directory, out_dir, version, options)
-    result = TrtexecResult(plan, [], assumed=version is None)
+    plan = plan_engine(artifact, out_dir, version, options)
+    result = TrtexecResult(plan, trtexec_command(plan), assumed=version is None)  # refusals before any write
     if plan.fp16_onnx_path is not None:
-        from cfg_export.fp16 import write_fp16_model
+        from cfg_export.build.fp16 import write_fp16_model
 
         result.fp16 = write_fp16_model(plan.onnx_path, plan.fp16_onnx_path, plan.keep_fp32)
-    result.argv = trtexec_command(plan)
     return result

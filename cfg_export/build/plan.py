@@ -1,6 +1,6 @@
 """plan_engine: what `cfg-export trt` will build, decided without TensorRT.
 
-A plan holds the precision route for the TensorRT version (runtime.trt_compat), the
+A plan holds the precision route for the TensorRT version (cfg_export.build.routes), the
 optimization profiles (runtime.engine), the files to read and write, and the other
 build options. It is pure: `--print-trtexec` turns it into the equivalent trtexec
 command line on a machine without TensorRT, and build_engine executes it on one with it.
@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cfg_export.runtime.engine import ENGINE_FILE, ENGINE_MANIFEST, Profile, make_profiles, shapes_text
+from cfg_export.build.profiles import make_profiles
+from cfg_export.runtime.engine import ENGINE_FILE, ENGINE_MANIFEST, Profile, shapes_text
 from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.manifest import Manifest, read_manifest, verify_model_file
-from cfg_export.runtime.trt_compat import (Fp16Source, HardwareCompat, Int8Source, Route, TrtVersion, check_build_options,
+from cfg_export.runtime.artifact import Artifact, as_artifact
+from cfg_export.runtime.errors import require
+from cfg_export.runtime.manifest import Manifest
+from cfg_export.build.routes import (Fp16Source, HardwareCompat, Int8Source, Route, TrtVersion, check_build_options,
                                 choose_route)
 from cfg_export.runtime.schedule import parse_enum
 
@@ -32,9 +35,9 @@ class EngineOptions:
 
     fp16: bool = False
     int8: bool = False
-    int8_onnx: str | None = None  # a Q/DQ model (cfg-export calibrate)
+    int8_onnx: str | None = None  # a Q/DQ model (cfg-export quantize)
     calibration_data: str | None = None  # .npz of recorded inputs, for the TensorRT 10 calibrator
-    keep_fp32: tuple[str, ...] | None = None  # see cfg_export.fp16; None: DEFAULT_KEEP_FP32
+    keep_fp32: tuple[str, ...] | None = None  # see cfg_export.build.fp16; None: DEFAULT_KEEP_FP32
     strongly_typed: bool | None = None  # None: builder flags on 10.x, typed on 11.x
     min_batch: int | None = None  # images N
     opt_batch: int | None = None
@@ -82,18 +85,35 @@ class EnginePlan:
         return self.out_dir / CALIBRATION_CACHE if self.route.int8_source is Int8Source.CALIBRATOR else None
 
 
-def plan_engine(directory: str | Path, out_dir: str | Path | None = None, trt_version: str | TrtVersion | None = None,
-                options: EngineOptions | None = None) -> EnginePlan:
-    """Returns the plan for building an engine of the artifact in `directory` with TensorRT
-    `trt_version` (default 10), or raises CfgExportError for options that version cannot build."""
+def has_qdq_nodes(path: Path) -> bool:
+    """True when the ONNX model at `path` holds QuantizeLinear/DequantizeLinear nodes."""
+    onnx = require("onnx", "export")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for files that are not ONNX
+        raise CfgExportError(f"{path}: not an ONNX model ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    ops = {node.op_type for node in model.graph.node}
+    return "QuantizeLinear" in ops and "DequantizeLinear" in ops
+
+
+def plan_engine(artifact: "Artifact | str | Path", out_dir: str | Path | None = None,
+                trt_version: str | TrtVersion | None = None, options: EngineOptions | None = None) -> EnginePlan:
+    """Returns the plan for building an engine of the artifact (an Artifact or its folder)
+    with TensorRT `trt_version` (default 10), or raises CfgExportError for options that
+    version cannot build."""
     options = options or EngineOptions()
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    verify_model_file(manifest, directory)
+    artifact = as_artifact(artifact)
+    directory = artifact.directory
+    manifest = artifact.model_file(engine=False).manifest
     version = TrtVersion.parse(trt_version or DEFAULT_TRT_VERSION)
     int8_onnx = Path(options.int8_onnx) if options.int8_onnx else None
     if int8_onnx is not None and not int8_onnx.is_file():
-        raise CfgExportError(f"--int8-onnx {int8_onnx}: no such file; make a Q/DQ model with cfg-export calibrate")
+        raise CfgExportError(f"--int8-onnx {int8_onnx}: no such file; make a Q/DQ model with cfg-export calibrate, "
+                             f"then cfg-export quantize")
+    if int8_onnx is not None and not has_qdq_nodes(int8_onnx):
+        raise CfgExportError(f"--int8-onnx {int8_onnx}: the model has no QuantizeLinear/DequantizeLinear nodes, so "
+                             f"TensorRT would find no INT8 ranges in it; give the model.onnx that cfg-export "
+                             f"quantize writes")
     if manifest.precision.startswith("int8"):  # an artifact made by the quantizer: its model.onnx has Q/DQ
         if int8_onnx is not None or not options.int8:
             raise CfgExportError(f"{directory}: its model is already {manifest.precision} (Q/DQ); build it with "
@@ -102,9 +122,10 @@ def plan_engine(directory: str | Path, out_dir: str | Path | None = None, trt_ve
     elif manifest.precision != "fp32":
         raise CfgExportError(f"{directory}: its model is {manifest.precision}, expected the FP32 export "
                              f"(cfg-export onnx) or a Q/DQ artifact")
-    if options.calibration_data and not Path(options.calibration_data).is_file():
-        raise CfgExportError(f"--calibration-data {options.calibration_data}: no such file; expected a .npz of "
-                             f"recorded inputs ({', '.join(s.name for s in manifest.inputs)})")
+    if options.calibration_data:
+        from cfg_export.calibration.data import read_calibration
+
+        read_calibration(options.calibration_data, manifest)  # refuses a file of another model or layout
     route = choose_route(version, options.fp16, options.int8, qdq_model=int8_onnx is not None,
                          calibration=bool(options.calibration_data), strongly_typed=options.strongly_typed)
     hardware = parse_enum(HardwareCompat, options.hardware_compat or HardwareCompat.NONE, "hardware compatibility")
@@ -133,7 +154,7 @@ def plan_engine(directory: str | Path, out_dir: str | Path | None = None, trt_ve
 
 def _keep_names(plan: EnginePlan) -> list[str]:
     """The ONNX node names the builder-flag route constrains to FP32."""
-    from cfg_export.fp16 import kept_float_nodes
+    from cfg_export.build.fp16 import kept_float_nodes
     from cfg_export.runtime.errors import require
 
     onnx = require("onnx", "export")
@@ -157,6 +178,11 @@ def trtexec_command(plan: EnginePlan) -> list[str]:
                      "--layerPrecisions=" + ",".join(f"{n}:fp32" for n in names),
                      "--layerOutputTypes=" + ",".join(f"{n}:fp32" for n in names)]
     if plan.calibration_cache is not None:
+        if not plan.calibration_cache.is_file():
+            raise CfgExportError(
+                f"trtexec cannot read the recorded inputs of --calibration-data, only a calibration cache, and "
+                f"{plan.calibration_cache} does not exist yet: run `cfg-export trt ... --calibration-data` once on "
+                f"the device (it writes that cache), or use the Q/DQ route (cfg-export quantize, then --int8-onnx)")
         argv.append(f"--calib={plan.calibration_cache}")
     if options.workspace_mib is not None:
         argv.append(f"--memPoolSize=workspace:{options.workspace_mib}M")

@@ -120,13 +120,13 @@ def _load_folder(folder: Path) -> LoadedModel:
 def load_model(model: str, null_class: int | None = None, null_embedding: str | Path | None = None) -> LoadedModel:
     """Returns the module and guidance facts of MODEL: a model folder (config.json naming
     a 'module:factory', its args, the weights and the guidance facts), a folder saved by
-    diffusers (see cfg_export.diffusers_models, which takes null_class and
+    diffusers (see cfg_export.export.diffusers_models, which takes null_class and
     null_embedding), or a 'module:factory' string whose factory returns (module,
     guidance facts dict)."""
     require("torch", "export")
     path = Path(model)
     if path.is_dir():
-        from cfg_export import diffusers_models
+        from cfg_export.export import diffusers_models
 
         if diffusers_models.is_diffusers_folder(path):
             return diffusers_models.load_diffusers(path, null_class, null_embedding)

@@ -25,12 +25,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cfg_export.runtime.backends import BACKENDS, make_backend
-from cfg_export.runtime.conditions import load_null_embedding
+from cfg_export.runtime.artifact import Artifact, as_artifact
+from cfg_export.runtime.backends import BACKENDS, open_backend
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser, mix, to_eps
 from cfg_export.runtime.manifest import ConditionKind, Layout, Manifest
-from cfg_export.runtime.pipeline import open_artifact
+from cfg_export.runtime.progress import Progress
 from cfg_export.runtime.samplers import sample_ddim
 from cfg_export.runtime.schedule import make_timesteps
 
@@ -67,17 +67,6 @@ class BenchResult:
 
     def to_dict(self) -> dict:
         return {"machine": self.machine, "rows": [asdict(r) for r in self.rows], "ratios": self.ratios}
-
-
-def parse_batches(text: str) -> list[int]:
-    """Returns image counts from '1,4,16'; raises CfgExportError for anything else."""
-    try:
-        batches = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        batches = []
-    if not batches or any(b < 1 for b in batches):
-        raise CfgExportError(f"--batch: got {text!r}, expected image counts separated by commas, like 1,4,16")
-    return batches
 
 
 def machine_facts() -> dict:
@@ -157,18 +146,24 @@ def _row(artifact, precision, backend, mode, n, walls, models) -> BenchRow:
                     images_per_s=n / (mean * 1e-3 * 50), peak_rss_mb=_peak_rss_mb())
 
 
-def _bench_artifact(directory: Path, manifest: Manifest, backend_name: str, batches, steps, warmup, modes):
+def artifact_modes(manifest: Manifest) -> list[str]:
+    """The modes an artifact can be timed in: fused for a fused graph; stacked, two-pass and
+    unguided for a dynamic stacked graph; stacked only for a static one (it cannot take N rows)."""
+    if manifest.layout is Layout.FUSED:
+        return ["fused"]
+    if manifest.batch is None:
+        return ["stacked", "two-pass", "unguided"]
+    return ["stacked"]
+
+
+def _bench_artifact(artifact: Artifact, backend_name: str, batches, steps, warmup, modes):
+    manifest, directory = artifact.manifest, artifact.directory
     ac = manifest.facts.schedule.alphas_cumprod()
     null_embedding = None
     if manifest.facts.condition.kind is ConditionKind.EMBEDDING and manifest.layout is Layout.STACKED:
-        null_embedding = load_null_embedding(manifest, directory)
-    if manifest.layout is Layout.FUSED:
-        wanted = ["fused"]
-    elif manifest.batch is None:
-        wanted = ["stacked", "two-pass", "unguided"]
-    else:
-        wanted = ["stacked"]  # a static 2N graph cannot take N rows
-    with make_backend(backend_name, manifest, directory) as backend:
+        null_embedding = artifact.null_embedding()
+    wanted = artifact_modes(manifest)
+    with open_backend(artifact, backend_name) as backend:
         for n in batches:
             if manifest.batch is not None and n != manifest.batch:
                 raise CfgExportError(f"{directory} is a static graph for N={manifest.batch} images; "
@@ -188,7 +183,7 @@ def _bench_artifact(directory: Path, manifest: Manifest, backend_name: str, batc
 
 def _bench_torch(model: str, manifest: Manifest, batches, steps, warmup):
     """The diffusers-style eager loop users write: cat, call, chunk, mix, scheduler step."""
-    from cfg_export.loading import load_model
+    from cfg_export.export.loading import load_model
     from cfg_export.runtime.errors import require
 
     torch = require("torch", "export")
@@ -240,13 +235,16 @@ def _ratios(rows: Sequence[BenchRow]) -> list[str]:
     return lines
 
 
-def run_bench(directories: Sequence[str | Path], batches: Sequence[int] | None = None, *,
+def run_bench(artifacts: Sequence["Artifact | str | Path"], batches: Sequence[int] | None = None, *,
               backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
               modes: Sequence[str] | None = None, steps: int | None = None, warmup: int | None = None,
-              torch_model: str | None = None, progress: Callable[[str], None] | None = None) -> BenchResult:
+              torch_model: str | None = None, progress: Progress | None = None) -> BenchResult:
     """Returns per-step latencies (p50/p90/p99), host share, images/s and peak memory for each
-    artifact (its precision), backend, image count N and mode, plus the ratios between modes."""
+    artifact (Artifacts or folders, each opened once; its precision), backend, image count N
+    and mode, plus the ratios between modes. progress(done, total) counts configurations."""
     batches = list(DEFAULT_BATCHES if batches is None else batches)
+    if not batches or any(not isinstance(b, (int, np.integer)) or b < 1 for b in batches):
+        raise CfgExportError(f"--batch: got {batches}, expected image counts >= 1, like 1,4,16")
     steps = DEFAULT_STEPS if steps is None else int(steps)
     warmup = DEFAULT_WARMUP if warmup is None else int(warmup)
     if steps < 2 or warmup < 0:
@@ -263,26 +261,35 @@ def run_bench(directories: Sequence[str | Path], batches: Sequence[int] | None =
         if name not in BACKENDS or name == "auto":
             raise CfgExportError(f"backend: got {name!r}, expected one of {', '.join(b for b in BACKENDS if b != 'auto')}"
                                  f" (available here: {', '.join(available)})")
-    artifacts = [(Path(d), open_artifact(d)) for d in directories]
-    have = sorted({m.precision for _, m in artifacts})
+    opened = [as_artifact(a) for a in artifacts]
+    have = sorted({a.manifest.precision for a in opened})
     for p in precisions or []:
         if p not in have:
             raise CfgExportError(f"precision: got {p!r}; the artifacts given have {', '.join(have)} "
                                  "(add an artifact folder of that precision, e.g. one made by cfg-export quantize)")
+    chosen = [a for a in opened if not precisions or a.manifest.precision in precisions]
+    planned = sum(len([m for m in artifact_modes(a.manifest) if m in modes]) for a in chosen) * len(backends)
+    planned = planned * len(batches) + (len(batches) if torch_model is not None and "torch" in modes else 0)
+    if planned == 0:
+        kinds = ", ".join(f"{a.directory} ({', '.join(artifact_modes(a.manifest))})" for a in chosen)
+        raise CfgExportError(f"--mode {','.join(modes)}: no artifact given can be timed in that mode; the artifacts "
+                             f"take: {kinds} (fused needs an artifact exported with --fuse-guidance, torch needs "
+                             f"--torch-model)")
     result = BenchResult(machine=machine_facts())
-    for directory, manifest in artifacts:
-        if precisions and manifest.precision not in precisions:
-            continue
+
+    def done(row: BenchRow) -> None:
+        result.rows.append(row)
+        log.info("%s N=%d %s %s: p50 %.2f ms", row.mode, row.n, row.backend, row.precision, row.p50_ms)
+        if progress is not None:
+            progress(len(result.rows), planned)
+
+    for artifact in chosen:
         for backend in backends:
-            for row in _bench_artifact(directory, manifest, backend, batches, steps, warmup, modes):
-                result.rows.append(row)
-                if progress:
-                    progress(f"{row.mode} N={row.n} {row.backend} {row.precision}: p50 {row.p50_ms:.2f} ms")
+            for row in _bench_artifact(artifact, backend, batches, steps, warmup, modes):
+                done(row)
     if torch_model is not None and "torch" in modes:
-        for row in _bench_torch(torch_model, artifacts[0][1], batches, steps, warmup):
-            result.rows.append(row)
-            if progress:
-                progress(f"torch N={row.n}: p50 {row.p50_ms:.2f} ms")
+        for row in _bench_torch(torch_model, opened[0].manifest, batches, steps, warmup):
+            done(row)
     result.ratios = _ratios(result.rows)
     return result
 

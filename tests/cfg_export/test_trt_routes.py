@@ -1,4 +1,4 @@
-"""runtime.trt_compat: the TensorRT version rules, with the version passed in as a value.
+"""cfg_export.build.routes and runtime.trt_versions: the TensorRT version rules, with the version passed in as a value.
 
 The expected routes are those of TensorRT's documentation: 10.x has the FP16/INT8 builder
 flags, precision constraints and the implicit calibrators; 11.x removed them all (strongly
@@ -13,8 +13,9 @@ import pytest
 from cfg_export.runtime.backends.trt import compatibility_error
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.manifest import Manifest, read_manifest
-from cfg_export.runtime.trt_compat import (DeviceInfo, Fp16Source, HardwareCompat, Int8Source, TrtVersion, check_build_options,
-                                check_engine, choose_route, dla_supported)
+from cfg_export.build.routes import (Fp16Source, Int8Source, check_build_options, choose_route, dla_supported,
+                                     dla_unsupported_reason)
+from cfg_export.runtime.trt_versions import DeviceInfo, HardwareCompat, TrtVersion, check_engine
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -93,8 +94,14 @@ def test_route_refusals_say_which_route_works(args, kwargs, message):
 
 
 def test_dla_support_by_version():
-    assert dla_supported("8.6") and dla_supported("10.3.0.30") and dla_supported("11.4.1")
-    assert not dla_supported("11.0") and not dla_supported("11.4.0")
+    # NVIDIA's "Working with DLA" (TensorRT 11.4.1 docs): 10.7 was the last 10.x with DLA; none in
+    # 11.0-11.3; 11.4.0 on Windows on ARM only; back in 11.4.1 for Jetson AGX Orin (JetPack 7.2.2+).
+    for version in ("8.6", "10.3.0.30", "10.7.0.23", "11.4.1", "11.5"):
+        assert dla_supported(version), version
+    for version in ("10.8.0.43", "10.13", "11.0", "11.3.1", "11.4.0"):
+        assert not dla_supported(version), version
+    assert "Windows on ARM" in dla_unsupported_reason("11.4.0")
+    assert "10.7 was the last" in dla_unsupported_reason("10.8")
 
 
 @pytest.mark.parametrize("version,dla,hardware,vc,message", [
