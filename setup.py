@@ -12,7 +12,7 @@ EXTRAS = {
     "plot": ["matplotlib"],
     "diffusers": ["diffusers>=0.30", "safetensors>=0.4"],  # export from diffusers model folders
     "examples": ["scikit-learn>=1.3"],
-    "dev": ["pytest>=7", "diffusers>=0.30", "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm"],
+    "dev": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm"],
 }
 
 # The repository keeps runtime/ and calibration/ at the top (runtime/ is what gets copied

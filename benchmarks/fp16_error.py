@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from cfg_export.export.exporter import example_inputs
 from cfg_export.build.fp16 import convert_fp16
-from cfg_export.runtime.pipeline import open_artifact
+from cfg_export.runtime.artifact import Artifact
 
 
 def run(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="random batches (default 5)")
     args = parser.parse_args()
     for directory in args.artifacts:
-        manifest = open_artifact(directory)
+        manifest = Artifact.open(directory).model_file().manifest
         source = onnx.load(str(directory / manifest.model_file))
         variants = {"default keep list": convert_fp16(source), "nothing kept": convert_fp16(source, ["none"])}
         worst = {name: 0.0 for name in variants}

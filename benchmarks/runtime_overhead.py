@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 
-from cfg_export.runtime.backends import make_backend
-from cfg_export.runtime.pipeline import open_artifact, sample_guided
+from cfg_export.runtime.artifact import Artifact
+from cfg_export.runtime.backends import open_backend
+from cfg_export.runtime.pipeline import sample_guided
 
 
 def time_calls(backend, feeds_list, repeats: int) -> float:
@@ -35,10 +36,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
 
-    manifest = open_artifact(args.artifact)
+    artifact = Artifact.open(args.artifact)
+    manifest = artifact.manifest
     labels = np.arange(args.n) % manifest.facts.condition.num_classes
-    sample_guided(args.artifact, labels, 3.0, steps=5)  # warm-up
-    runs = [sample_guided(args.artifact, labels, 3.0, steps=args.steps, seed=i) for i in range(3)]
+    sample_guided(artifact, labels, 3.0, steps=5)  # warm-up
+    runs = [sample_guided(artifact, labels, 3.0, steps=args.steps, seed=i) for i in range(3)]
     per_step = [s for r in runs for s in r.step_seconds[1:]]  # the first step includes session warm-up
     model = sum(r.model_seconds for r in runs) / sum(len(r.step_seconds) for r in runs)
     step = statistics.mean(per_step)
@@ -57,7 +59,7 @@ def main() -> None:
     null = np.full(n, manifest.facts.condition.null, np.int64)
     stacked = [{"sample": np.concatenate([x, x]), "timestep": np.concatenate([t, t]), "cond": np.concatenate([cond, null])}]
     two_pass = [{"sample": x, "timestep": t, "cond": cond}, {"sample": x, "timestep": t, "cond": null}]
-    with make_backend("onnxruntime-cpu", manifest, args.artifact) as backend:
+    with open_backend(artifact, "onnxruntime-cpu") as backend:
         time_calls(backend, stacked + two_pass, 3)
         one = time_calls(backend, stacked, args.repeats)
         two = time_calls(backend, two_pass, args.repeats)

@@ -36,7 +36,7 @@ from cfg_export.calibration.data import CalibrationData, read_calibration
 from cfg_export.calibration.nodes import select_float_nodes
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
-from cfg_export.runtime.files import staged_dir
+from cfg_export.runtime.files import check_export_target, staged_dir
 from cfg_export.runtime.manifest import METADATA_KEY, Manifest
 from cfg_export.runtime.schedule import parse_enum
 
@@ -230,6 +230,7 @@ def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_
     parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
     artifact = as_artifact(artifact)
     directory = artifact.directory
+    check_export_target(directory, out_dir, overwrite)  # before the work: never the source, never a user's folder
     source = artifact.model_file(engine=False).manifest
     if source.engine is not None or source.precision != "fp32":
         raise CfgExportError(f"{directory}: the model is {source.precision}; quantize the FP32 ONNX export "

@@ -121,7 +121,7 @@ class ProgressBar:
 
     def __init__(self, label: str):
         self.label, self.bar, self.done = label, None, 0
-        self.hidden = quiet()
+        self.hidden = quiet() or not sys.stderr.isatty()  # a log file gets no bar
 
     def __call__(self, done: int, total: int) -> None:
         if self.hidden:

@@ -4,6 +4,7 @@ image grid with one row per condition, and/or the raw samples as .npy."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +19,7 @@ from .files import check_output_file
 from .guidance import GuidanceOptions
 from .images import IMAGE_FORMATS, check_drawable, save_grid, save_npy
 from .manifest import ConditionKind
+from .memory import check_rows_fit
 from .pipeline import SampleResult, sample_guided
 from .progress import Progress
 
@@ -87,6 +89,8 @@ def grid_conditions(artifact: Artifact, classes: Sequence[int] | None, cond, neg
         if negative is not None:
             negatives = np.asarray(negative, dtype=np.int64).reshape(-1)
     rows = len(conds)
+    check_rows_fit(manifest.activation_bytes_per_row, rows * n * manifest.rows_per_image, rows * n, "sampling",
+                   math.prod(manifest.facts.sample_shape))  # before the arrays of rows * n images are made
     if negatives is not None:
         if len(negatives) not in (1, rows):
             raise CfgExportError(f"--negative: got {len(negatives)} negative conditions, expected 1 or one per "

@@ -30,6 +30,8 @@ from .schedule import parse_enum
 
 log = logging.getLogger(__name__)
 
+HUGE_INPUT = 1e4  # a model input this far outside the data range means the sample has diverged
+
 
 class WSchedule(enum.Enum):
     """How w varies over the trajectory, t the training timestep, T their number."""
@@ -185,6 +187,27 @@ class GuidedModel:
         self.rows += len(feeds["sample"]) * (2 if self.manifest.layout is Layout.FUSED else 1)
         return out.astype(np.float64)
 
+    def _check_finite(self, out: np.ndarray, t, n: int, guided: np.ndarray, x: np.ndarray) -> None:
+        """Raises CfgExportError naming the timestep and the rows (conditional or null, which
+        images) when the model's output holds NaN or infinity, and whether the input had
+        already left the data range (a too large guidance weight) or the model failed."""
+        bad = ~np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+        if not bad.any():
+            return
+        largest = float(np.abs(x).max()) if x.size else 0.0
+        if not np.isfinite(largest) or largest > HUGE_INPUT:
+            raise CfgExportError(f"the model's output holds NaN or infinity at model call {self.calls} (timestep "
+                                 f"{t:g}) after the sample had grown to |x| = {largest:.3g}: the guidance weight is "
+                                 f"too large for this model; try a smaller w, or --threshold 0.995")
+        cond_rows = np.flatnonzero(bad[:n]).tolist()
+        null_rows = guided[np.flatnonzero(bad[n:])].tolist()
+        where = "; ".join(part for part in (
+            f"conditional rows of images {cond_rows[:8]}" if cond_rows else "",
+            f"null rows of images {null_rows[:8]}" if null_rows else "") if part)
+        raise CfgExportError(f"the model's output holds NaN or infinity at model call {self.calls} (timestep "
+                             f"{t:g}) in the {where}, on a finite input: the model itself fails there (its "
+                             f"weights, or an FP16/INT8 build overflowing); the guidance weight is not the cause")
+
     def _timestep(self, t, rows: int) -> np.ndarray:
         return np.full(rows, t, dtype=self.manifest.facts.timestep_dtype)
 
@@ -198,7 +221,9 @@ class GuidedModel:
         guided, w = self.planner.plan(t, sigma)
         w = np.where(guided, w, 0.0)
         if self.manifest.layout is Layout.FUSED:
-            return self._run({"sample": x32, "timestep": self._timestep(t, n), **conds, "w": w.astype(np.float32)})
+            out = self._run({"sample": x32, "timestep": self._timestep(t, n), **conds, "w": w.astype(np.float32)})
+            self._check_finite(out, t, n, np.arange(n), x32)
+            return out
         if self.manifest.batch is not None:  # a static graph takes 2N rows whatever the plan
             guided_rows = np.ones(n, dtype=bool)
         else:
@@ -208,6 +233,7 @@ class GuidedModel:
         for name, rows in conds.items():
             feeds[name] = np.concatenate([rows, np.asarray(self.nulls[name])[g]])
         out = self._run(feeds)
+        self._check_finite(out, t, n, g, x32)
         out_c, out_u = out[:n], out[n:]
         custom = self.planner.observe(guided_rows, out_c, out_u)
         if custom is not None:

@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import CfgExportError
 from .files import sha256_file, staged_file
 from .schedule import NoiseSchedule, parse_enum
+from .validation import (expect_dict, expect_file_name, expect_int, expect_list, expect_str, refuse_unknown,
+                         require_keys)
 
 FORMAT = "cfg-export/1"
 MANIFEST_NAME = "manifest.json"
 METADATA_KEY = "cfg_export.manifest"
 DTYPES = ("float32", "float16", "int64", "int32")
+MAX_SAMPLE_ELEMENTS = 1 << 28  # values in one sample: refuses shapes no device holds
+MANIFEST_KEYS = ("format", "model_file", "layout", "batch", "inputs", "outputs", "condition", "prediction", "schedule",
+                 "sample_shape", "timestep_dtype", "precision", "opset", "producer", "engine", "model_sha256",
+                 "activation_bytes_per_row")
 
 
 class Layout(enum.Enum):
@@ -43,6 +50,9 @@ class ConditionKind(enum.Enum):
     EMBEDDING = "embedding"  # float32 [B, L, D]; null = an embedding stored beside the model
 
 
+CONDITION_KEYS = ("kind", "num_classes", "null", "null_file", "shape")
+
+
 @dataclass(frozen=True)
 class Condition:
     """What `cond` holds and what the null condition is."""
@@ -58,10 +68,28 @@ class Condition:
         if self.kind is ConditionKind.CLASS:
             if self.num_classes is None or self.null is None:
                 raise CfgExportError("condition kind 'class' needs 'num_classes' and 'null' (the null class index)")
-            if not 0 <= int(self.null) <= int(self.num_classes) + 1000:
-                raise CfgExportError(f"condition null: got {self.null}, expected a class index >= 0")
-        elif self.shape is not None:
-            object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+            num_classes = expect_int(self.num_classes, "condition num_classes", lo=1)
+            null = expect_int(self.null, "condition null", lo=0)
+            if null < num_classes:
+                raise CfgExportError(f"condition null: got {null}, which is one of the real classes 0.."
+                                     f"{num_classes - 1}; the null class must be its own index (usually "
+                                     f"num_classes = {num_classes}), or guidance toward class {null} does nothing")
+            object.__setattr__(self, "num_classes", num_classes)
+            object.__setattr__(self, "null", null)
+        else:
+            if self.shape is not None:
+                shape = expect_list(self.shape, "condition shape")
+                if len(shape) < 1:
+                    raise CfgExportError("condition shape: got [], expected the embedding shape like [L, D]")
+                object.__setattr__(self, "shape", tuple(expect_int(s, "condition shape", lo=1) for s in shape))
+            if self.null_file is not None:
+                expect_file_name(self.null_file, "condition null_file")
+
+    @classmethod
+    def from_dict(cls, d) -> "Condition":
+        d = expect_dict(d, "condition")
+        refuse_unknown(d, CONDITION_KEYS, "condition")
+        return cls(**d)
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind.value}
@@ -84,24 +112,27 @@ class ModelFacts:
     timestep_dtype: str = "int64"
 
     def __post_init__(self):
+        if not isinstance(self.prediction, Prediction):
+            expect_str(self.prediction, "prediction")
         object.__setattr__(self, "prediction", parse_enum(Prediction, self.prediction, "prediction type"))
-        shape = tuple(int(s) for s in self.sample_shape)
-        if not shape or any(s < 1 for s in shape):
-            raise CfgExportError(f"sample_shape: got {list(self.sample_shape)}, expected positive sizes like [C, H, W]")
+        shape = expect_list(self.sample_shape, "sample_shape")
+        shape = tuple(expect_int(s, "sample_shape", lo=1) for s in shape)
+        if not shape:
+            raise CfgExportError("sample_shape: got [], expected positive sizes like [C, H, W]")
+        if math.prod(shape) > MAX_SAMPLE_ELEMENTS:
+            raise CfgExportError(f"sample_shape: got {list(shape)} ({math.prod(shape)} values per sample), expected "
+                                 f"at most {MAX_SAMPLE_ELEMENTS}")
         object.__setattr__(self, "sample_shape", shape)
-        if self.timestep_dtype not in ("int64", "float32"):
-            raise CfgExportError(f"timestep_dtype: got {self.timestep_dtype!r}, expected one of int64, float32")
+        expect_str(self.timestep_dtype, "timestep_dtype", ("int64", "float32"))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelFacts":
-        """Returns the facts of a config's "guidance" block; raises CfgExportError naming a missing key."""
-        required = ("condition", "prediction", "schedule", "sample_shape")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise CfgExportError(f"guidance facts: missing {', '.join(missing)} (expected keys: {', '.join(required)})")
-        cond = dict(d["condition"])
+    def from_dict(cls, d: dict, what: str = "guidance facts") -> "ModelFacts":
+        """Returns the facts of a config's "guidance" block (or a manifest's); raises
+        CfgExportError naming a missing key or a value of the wrong type or range."""
+        d = expect_dict(d, what)
+        require_keys(d, ("condition", "prediction", "schedule", "sample_shape"), what)
         return cls(
-            condition=Condition(**cond),
+            condition=Condition.from_dict(d["condition"]),
             prediction=d["prediction"],
             schedule=NoiseSchedule.from_dict(d["schedule"]),
             sample_shape=d["sample_shape"],
@@ -130,8 +161,15 @@ class TensorSpec:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+    def from_dict(cls, d: dict, what: str = "tensor") -> "TensorSpec":
+        d = expect_dict(d, what)
+        require_keys(d, ("name", "shape", "dtype"), what)
+        refuse_unknown(d, ("name", "shape", "dtype"), what)
+        name = expect_str(d["name"], f"{what} name")
+        shape = []
+        for size in expect_list(d["shape"], f"{what} {name!r} shape"):
+            shape.append(size if isinstance(size, str) else expect_int(size, f"{what} {name!r} shape", lo=1))
+        return cls(name, tuple(shape), expect_str(d["dtype"], f"{what} {name!r} dtype", DTYPES))
 
 
 @dataclass(frozen=True)
@@ -149,6 +187,7 @@ class Manifest:
     opset: int | None = None
     producer: dict = field(default_factory=dict)
     engine: dict | None = None  # TensorRT facts, for engine manifests
+    activation_bytes_per_row: int | None = None  # peak activation memory per batch row, estimated at export
 
     def __post_init__(self):
         object.__setattr__(self, "layout", parse_enum(Layout, self.layout, "layout"))
@@ -179,30 +218,44 @@ class Manifest:
         }
         if self.engine is not None:
             d["engine"] = self.engine
+        if self.activation_bytes_per_row is not None:
+            d["activation_bytes_per_row"] = self.activation_bytes_per_row
         if with_sha:
             d["model_sha256"] = self.model_sha256
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
+        """Returns the manifest of a parsed manifest.json / engine.json; raises CfgExportError
+        naming the first field that is missing, unknown, or of the wrong type or range."""
+        d = expect_dict(d, "manifest")
         if d.get("format") != FORMAT:
             raise CfgExportError(f"manifest format: got {d.get('format')!r}, expected {FORMAT!r}")
-        try:
-            return cls(
-                facts=ModelFacts.from_dict(d),
-                layout=d["layout"],
-                inputs=tuple(TensorSpec.from_dict(s) for s in d["inputs"]),
-                outputs=tuple(TensorSpec.from_dict(s) for s in d["outputs"]),
-                model_file=d["model_file"],
-                model_sha256=d.get("model_sha256", ""),
-                precision=d.get("precision", "fp32"),
-                batch=d.get("batch"),
-                opset=d.get("opset"),
-                producer=d.get("producer", {}),
-                engine=d.get("engine"),
-            )
-        except (KeyError, TypeError) as exc:
-            raise CfgExportError(f"manifest is incomplete: {exc!r}; re-export the model with cfg-export onnx") from None
+        refuse_unknown(d, MANIFEST_KEYS, "manifest")
+        require_keys(d, ("layout", "inputs", "outputs", "model_file"), "manifest")
+        if not isinstance(d["layout"], Layout):
+            expect_str(d["layout"], "manifest layout")
+        batch, opset = d.get("batch"), d.get("opset")
+        sha = expect_str(d.get("model_sha256", ""), "manifest model_sha256")
+        if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+            raise CfgExportError(f"manifest model_sha256: got {sha[:20]!r}..., expected 64 hex digits")
+        engine = d.get("engine")
+        return cls(
+            facts=ModelFacts.from_dict(d, "manifest"),
+            layout=d["layout"],
+            inputs=tuple(TensorSpec.from_dict(s, "manifest input") for s in expect_list(d["inputs"], "manifest inputs")),
+            outputs=tuple(TensorSpec.from_dict(s, "manifest output")
+                          for s in expect_list(d["outputs"], "manifest outputs")),
+            model_file=expect_file_name(d["model_file"], "manifest model_file"),
+            model_sha256=sha,
+            precision=expect_str(d.get("precision", "fp32"), "manifest precision"),
+            batch=None if batch is None else expect_int(batch, "manifest batch", lo=1),
+            opset=None if opset is None else expect_int(opset, "manifest opset", lo=1),
+            producer=expect_dict(d.get("producer", {}), "manifest producer"),
+            engine=None if engine is None else expect_dict(engine, "manifest engine"),
+            activation_bytes_per_row=None if d.get("activation_bytes_per_row") is None else expect_int(
+                d["activation_bytes_per_row"], "manifest activation_bytes_per_row", lo=0),
+        )
 
     def with_sha(self, directory: str | Path) -> "Manifest":
         """Returns a copy whose model_sha256 is that of the model file in `directory`."""
@@ -226,24 +279,12 @@ def read_manifest(directory: str | Path, name: str = MANIFEST_NAME) -> Manifest:
         raise CfgExportError(f"{directory}: no {name} in it; is it an artifact folder made by cfg-export onnx?")
     try:
         d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CfgExportError(f"{path}: corrupt manifest ({exc}); re-export the model") from None
-    return Manifest.from_dict(d)
-
-
-def verify_model_file(manifest: Manifest, directory: str | Path) -> Path:
-    """Returns the path of the manifest's model file after checking its sha256;
-    raises CfgExportError if it is missing or is not the file the manifest describes."""
-    path = Path(directory) / manifest.model_file
-    if not path.is_file():
-        raise CfgExportError(f"{path}: missing (the manifest names it); re-export the model")
-    actual = sha256_file(path)
-    if actual != manifest.model_sha256:
-        raise CfgExportError(
-            f"{path} does not match its manifest: sha256 {actual[:12]}..., manifest says "
-            f"{manifest.model_sha256[:12]}...; the file was changed after export: re-export it"
-        )
-    return path
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CfgExportError(f"{path}: corrupt manifest ({str(exc)[:100]}); re-export the model") from None
+    try:
+        return Manifest.from_dict(d)
+    except CfgExportError as exc:
+        raise CfgExportError(f"{path}: {exc}; re-export the model") from None
 
 
 def compare_metadata(manifest: Manifest, metadata: dict[str, str]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from .conditions import check_embeddings, rows_for
 from .errors import CfgExportError
 from .guidance import GuidanceOptions, GuidedDenoiser
 from .manifest import ConditionKind, Layout, Manifest
+from .memory import check_rows_fit
 from .progress import Progress
 from .samplers import get_sampler
 from .schedule import make_timesteps
@@ -154,6 +156,8 @@ def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.nd
     if manifest.batch is not None and n != manifest.batch:
         raise CfgExportError(f"the graph is static for N={manifest.batch} images; got {n}: sample "
                              f"{manifest.batch} images, or re-export without --batch")
+    check_rows_fit(manifest.activation_bytes_per_row, n * manifest.rows_per_image, n, "sampling",
+                   math.prod(manifest.facts.sample_shape))
     sampler = sampler or DEFAULT_SAMPLER
     sample_fn = get_sampler(sampler)
     extra = {}

@@ -15,6 +15,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import CfgExportError
+from .validation import expect_dict, expect_float, expect_int, expect_str, refuse_unknown
+
+MAX_TIMESTEPS = 100_000  # training timesteps: refuses schedules no model was trained with
+MIN_ALPHA_CUMPROD = 1e-12  # below this the signal is gone and x0 = x_t / sqrt(a) blows up
 
 
 class BetaSchedule(enum.Enum):
@@ -53,12 +57,21 @@ class NoiseSchedule:
     beta_end: float = 0.02
 
     def __post_init__(self):
+        if not isinstance(self.kind, BetaSchedule):
+            expect_str(self.kind, "schedule kind")
         object.__setattr__(self, "kind", parse_enum(BetaSchedule, self.kind, "schedule kind"))
-        if int(self.num_train_timesteps) < 2:
-            raise CfgExportError(
-                f"schedule num_train_timesteps: got {self.num_train_timesteps}, expected >= 2"
-            )
-        object.__setattr__(self, "num_train_timesteps", int(self.num_train_timesteps))
+        object.__setattr__(self, "num_train_timesteps",
+                           expect_int(self.num_train_timesteps, "schedule num_train_timesteps", lo=2, hi=MAX_TIMESTEPS))
+        for name in ("beta_start", "beta_end"):
+            object.__setattr__(self, name, expect_float(getattr(self, name), f"schedule {name}", 0.0, 1.0,
+                                                        open_lo=True, open_hi=True))
+        if self.beta_start > self.beta_end:
+            raise CfgExportError(f"schedule: beta_start {self.beta_start:g} > beta_end {self.beta_end:g}; betas grow "
+                                 f"with t (noise is added), so expected beta_start <= beta_end")
+        ac = np.cumprod(1.0 - self.betas())
+        if not (np.all(np.isfinite(ac)) and ac[-1] > MIN_ALPHA_CUMPROD):
+            raise CfgExportError(f"schedule: alphas_cumprod reaches {ac[-1]:.3g} at t={len(ac) - 1} (the signal "
+                                 f"vanishes), which no sampler can divide by; use fewer timesteps or smaller betas")
 
     def betas(self) -> np.ndarray:
         """Returns beta_t, float64 [T]."""
@@ -75,13 +88,16 @@ class NoiseSchedule:
                 [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)],
                 dtype=np.float64,
             )
-        assert betas.shape == (T,) and np.all(betas > 0) and np.all(betas < 1), "betas out of (0, 1)"
+        if not (betas.shape == (T,) and np.all(betas > 0) and np.all(betas < 1)):
+            raise CfgExportError(f"schedule: betas leave (0, 1) (min {betas.min():g}, max {betas.max():g}); "
+                                 f"expected beta_start and beta_end in (0, 1)")
         return betas
 
     def alphas_cumprod(self) -> np.ndarray:
         """Returns alphas_cumprod[t] = prod_{s<=t} (1 - beta_s), float64 [T], decreasing."""
         alphas_cumprod = np.cumprod(1.0 - self.betas())
-        assert np.all(np.diff(alphas_cumprod) < 0), "alphas_cumprod must decrease"
+        if not np.all(np.diff(alphas_cumprod) < 0):
+            raise CfgExportError("schedule: alphas_cumprod does not decrease; re-export with valid betas")
         return alphas_cumprod
 
     def to_dict(self) -> dict:
@@ -91,9 +107,8 @@ class NoiseSchedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "NoiseSchedule":
-        unknown = set(d) - {"kind", "num_train_timesteps", "beta_start", "beta_end"}
-        if unknown:
-            raise CfgExportError(f"schedule: unknown keys {sorted(unknown)}")
+        d = expect_dict(d, "schedule")
+        refuse_unknown(d, ("kind", "num_train_timesteps", "beta_start", "beta_end"), "schedule")
         return cls(**d)
 
 
@@ -107,8 +122,8 @@ def make_timesteps(num_train_timesteps: int, steps: int, spacing: Spacing | str 
     """
     spacing = parse_enum(Spacing, spacing, "timestep spacing")
     T = int(num_train_timesteps)
-    if not 1 <= int(steps) <= T:
-        raise CfgExportError(f"steps: got {steps}, expected 1..{T} (the training timesteps)")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= T:
+        raise CfgExportError(f"steps: got {steps!r}, expected 1..{T} (the training timesteps)")
     steps = int(steps)
     if spacing is Spacing.LEADING and (steps - 1) * (T // steps) + steps_offset > T - 1:
         raise CfgExportError(f"steps_offset {steps_offset} with {steps} leading steps passes the last "

@@ -231,6 +231,9 @@ class ExecutionContext:
     def __init__(self, engine):
         self.engine, self.profile, self.shapes, self.addresses = engine, 0, {}, {}
 
+    def __del__(self):
+        CALLS.append(("destroy", "context"))
+
     def set_optimization_profile_async(self, index, stream):
         self.profile = index
         return True
@@ -306,12 +309,18 @@ class CudaEngine:
         CALLS.append(("create_execution_context",))
         return ExecutionContext(self)
 
+    def __del__(self):
+        CALLS.append(("destroy", "engine"))
+
 
 class Runtime:
     num_DLA_cores = 0
 
     def __init__(self, logger):
         self.engine_host_code_allowed, self.DLA_core = False, -1
+
+    def __del__(self):
+        CALLS.append(("destroy", "runtime"))
 
     def deserialize_cuda_engine(self, data):
         CALLS.append(("deserialize",))
@@ -399,4 +408,4 @@ class FakeCuda:
         pass
 
     def close(self):
-        pass
+        CALLS.append(("destroy", "cuda context"))

@@ -76,3 +76,39 @@ def only_module():
 def many_classes():
     torch.manual_seed(0)
     return TinyConv(num_classes=40), facts([2, 6, 6], num_classes=40)
+
+
+class NanAtLowNoise(TinyConv):
+    """NaN at timesteps below 10: a model that fails at some noise levels."""
+
+    def forward(self, sample, timestep, cond):
+        out = super().forward(sample, timestep, cond)
+        low = (timestep < 10).reshape(-1, *([1] * (out.dim() - 1)))
+        return torch.where(low, torch.full_like(out, float("nan")), out)
+
+
+def nan_at_low_noise():
+    torch.manual_seed(0)
+    return NanAtLowNoise(), facts([2, 6, 6])
+
+
+class NanForClass2(TinyConv):
+    """NaN in the rows of class 2 (export it without the self-check)."""
+
+    def forward(self, sample, timestep, cond):
+        out = super().forward(sample, timestep, cond)
+        bad = (cond == 2).reshape(-1, *([1] * (out.dim() - 1)))
+        return torch.where(bad, torch.full_like(out, float("nan")), out)
+
+
+def nan_for_class_2():
+    torch.manual_seed(0)
+    return NanForClass2(), facts([2, 6, 6])
+
+
+def null_beyond_table():
+    """3 classes and the null class 3 in the table, but the facts name null class 9."""
+    torch.manual_seed(0)
+    f = facts([2, 6, 6])
+    f["condition"] = {"kind": "class", "num_classes": 3, "null": 9}
+    return TinyConv(), f

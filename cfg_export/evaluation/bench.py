@@ -30,6 +30,7 @@ from cfg_export.runtime.backends import BACKENDS, open_backend
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser, mix, to_eps
 from cfg_export.runtime.manifest import ConditionKind, Layout, Manifest
+from cfg_export.runtime.memory import check_rows_fit
 from cfg_export.runtime.progress import Progress
 from cfg_export.runtime.samplers import sample_ddim
 from cfg_export.runtime.schedule import make_timesteps
@@ -164,6 +165,8 @@ def _bench_artifact(artifact: Artifact, backend_name: str, batches, steps, warmu
     if manifest.facts.condition.kind is ConditionKind.EMBEDDING and manifest.layout is Layout.STACKED:
         null_embedding = artifact.null_embedding()
     wanted = artifact_modes(manifest)
+    for n in batches:
+        check_rows_fit(manifest.activation_bytes_per_row, 2 * n, n, f"bench --batch {n}")
     with open_backend(artifact, backend_name) as backend:
         for n in batches:
             if manifest.batch is not None and n != manifest.batch:

@@ -16,11 +16,13 @@ from typing import Sequence
 
 import numpy as np
 
-from cfg_export.evaluation.stats import Estimate, frechet_distance, inception_score, score  # noqa: F401
+from cfg_export.evaluation.stats import (DEFAULT_RESAMPLES, Estimate, frechet_distance,  # noqa: F401
+                                         inception_score, score)
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.backends import open_backend
 from cfg_export.runtime.errors import CfgExportError, require
-from cfg_export.runtime.pipeline import DEFAULT_SEED, sample_guided
+from cfg_export.runtime.guidance import check_w
+from cfg_export.runtime.pipeline import DEFAULT_SEED, check_seed, sample_guided
 from cfg_export.runtime.progress import Progress, scaled
 
 log = logging.getLogger(__name__)
@@ -53,10 +55,11 @@ def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | N
                       per_class: int | None = None, steps: int | None = None, sampler: str | None = None,
                       seed: int | None = None, classifier: str | Path | None = None,
                       reference: str | Path | None = None, backend: str | None = None,
-                      progress: Progress | None = None) -> list[EvalRow]:
+                      resamples: int | None = None, progress: Progress | None = None) -> list[EvalRow]:
     """Returns one EvalRow per w: `per_class` samples of every class with the same noise
     for every w (seeded), scored by `classifier` (ONNX: input [B, *S] -> outputs 'logits'
-    [B, K] and 'features' [B, F]) against `reference` (.npz with 'mean' [F], 'cov' [F, F]).
+    [B, K] and 'features' [B, F]) against `reference` (.npz with 'mean' [F], 'cov' [F, F]),
+    with bootstrap intervals over `resamples` resamplings (default 1000).
     The artifact is opened once and one backend session serves every w."""
     ort = require("onnxruntime", "onnxruntime")
     ws = list(DEFAULT_WS if ws is None else ws)
@@ -77,9 +80,11 @@ def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | N
         if not path.is_file():
             raise CfgExportError(f"{what} {path}: no such file; pass {option} (the digits ones are in the "
                                  f"repository's examples/digits/classifier/)")
-    stats = np.load(reference)
-    session = ort.InferenceSession(str(classifier), providers=["CPUExecutionProvider"])
-    image_name = session.get_inputs()[0].name
+    stats = read_reference(reference)
+    session, image_name = open_classifier(ort, classifier, manifest.facts.sample_shape, num_classes,
+                                          stats["mean"].shape[0])
+    ws = [float(check_w(w, 1)[0]) for w in ws]
+    check_seed(seed)
     labels = np.repeat(np.arange(num_classes), per_class)
     noise = np.random.default_rng(seed).standard_normal((len(labels), *manifest.facts.sample_shape))
     rows = []
@@ -87,7 +92,8 @@ def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | N
         for i, w in enumerate(ws):
             result = sample_guided(artifact, labels, float(w), steps=steps, sampler=sampler, seed=seed, noise=noise,
                                    backend=runner, progress=scaled(progress, i * steps, len(ws) * steps))
-            row = _score(session, image_name, result.samples, labels, num_classes, stats, float(w))
+            row = _score(session, image_name, result.samples, labels, num_classes, stats, float(w),
+                         DEFAULT_RESAMPLES if resamples is None else int(resamples))
             row.rows_per_image = result.rows / len(labels)
             row.seconds_per_image = sum(result.step_seconds) / len(labels)
             rows.append(row)
@@ -95,13 +101,58 @@ def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | N
     return rows
 
 
+def read_reference(path: Path) -> dict:
+    """Returns the real-data feature statistics {'mean' [F], 'cov' [F, F]} of an .npz, checked."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz")
+            stats = {key: np.asarray(data[key], dtype=np.float64) for key in ("mean", "cov")}
+    except (OSError, ValueError, KeyError, EOFError, AttributeError, TypeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CfgExportError(f"--reference {path}: expected an .npz with 'mean' [F] and 'cov' [F, F] of real-data "
+                             f"features ({reason})") from None
+    mean, cov = stats["mean"], stats["cov"]
+    if mean.ndim != 1 or cov.shape != (len(mean), len(mean)) or not (np.all(np.isfinite(mean)) and
+                                                                     np.all(np.isfinite(cov))):
+        raise CfgExportError(f"--reference {path}: got mean {list(mean.shape)} and cov {list(cov.shape)}, expected "
+                             f"finite [F] and [F, F]")
+    return stats
+
+
+def open_classifier(ort, path: Path, sample_shape, num_classes: int, features: int):
+    """Returns (session, input name) of the classifier, after checking it takes samples of
+    the model's shape and gives 'logits' [B, num_classes] and 'features' [B, F]."""
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own InvalidProtobuf/Fail types
+        raise CfgExportError(f"--classifier {path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:120]}); "
+                             f"expected an ONNX classifier") from None
+    inputs, outputs = session.get_inputs(), {o.name for o in session.get_outputs()}
+    if len(inputs) != 1 or not {"logits", "features"} <= outputs:
+        raise CfgExportError(f"--classifier {path}: got inputs {[i.name for i in inputs]} and outputs "
+                             f"{sorted(outputs)}, expected one input (the samples) and outputs 'logits' and "
+                             f"'features' (is it the denoiser?)")
+    probe = np.zeros((2, *sample_shape), np.float32)
+    try:
+        logits, feats = session.run(["logits", "features"], {inputs[0].name: probe})
+    except Exception as exc:  # shape or type mismatch inside onnxruntime
+        raise CfgExportError(f"--classifier {path}: it does not take samples of shape {list(sample_shape)} "
+                             f"({str(exc).splitlines()[0][:120]})") from None
+    if logits.shape != (2, num_classes) or feats.shape != (2, features):
+        raise CfgExportError(f"--classifier {path}: gives logits {list(logits.shape[1:])} and features "
+                             f"{list(feats.shape[1:])}, expected [{num_classes}] (the model's classes) and "
+                             f"[{features}] (the reference statistics')")
+    return session, inputs[0].name
+
+
 def _score(session, image_name: str, samples: np.ndarray, labels: np.ndarray, num_classes: int, stats,
-           w: float) -> EvalRow:
+           w: float, resamples: int) -> EvalRow:
     """Scores one sample set with the classifier session (bootstrap intervals)."""
     logits, features = session.run(["logits", "features"], {image_name: samples.astype(np.float32)})
     if logits.shape[1] != num_classes:
         raise CfgExportError(f"classifier gives {logits.shape[1]} classes, the model has {num_classes}")
-    quality = score(logits, features, labels, stats["mean"], stats["cov"])
+    quality = score(logits, features, labels, stats["mean"], stats["cov"], resamples=resamples)
     return EvalRow(w=w, accuracy=quality.accuracy, inception_score=quality.inception_score,
                    frechet_distance=quality.frechet_distance, samples=len(labels))
 

@@ -101,10 +101,16 @@ def score(logits: np.ndarray, features: np.ndarray, labels: np.ndarray, referenc
     probs = softmax(logits.astype(np.float64))
     correct = (logits.argmax(1) == labels).astype(np.float64)
     features = features.astype(np.float64)
+    values, vectors = np.linalg.eigh(reference_cov)  # the reference's square root, once for every resample
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    trace_ref = float(np.trace(reference_cov))
 
     def fd(index: np.ndarray) -> float:
         f = features[index]
-        return frechet_distance(f.mean(0), np.cov(f, rowvar=False), reference_mean, reference_cov)
+        cov = np.cov(f, rowvar=False)
+        middle = np.linalg.eigvalsh(root @ cov @ root)  # same spectrum as C_ref^(1/2) C C_ref^(1/2)
+        return float(np.sum((f.mean(0) - reference_mean) ** 2) + np.trace(cov) + trace_ref
+                     - 2 * np.sum(np.sqrt(np.clip(middle, 0, None))))
 
     n = len(labels)
     return Quality(accuracy=bootstrap(lambda i: correct[i].mean(), n, resamples=resamples, seed=seed),

@@ -181,7 +181,12 @@ def _class_condition(name: str, config: dict, config_path: Path, null_class: int
     if not 0 <= null < rows:
         raise CfgExportError(f"--null-class: got {null}, expected a class index 0..{rows - 1} "
                              f"(the model has {rows} class embeddings)")
-    return {"kind": "class", "num_classes": rows - 1 if null == rows - 1 else rows, "null": null}
+    if null != rows - 1:
+        raise CfgExportError(f"--null-class: got {null}, a row inside the class table 0..{rows - 1}; cfg-export takes "
+                             f"the classes as 0..K-1 and the null class as the last row ({rows - 1}), so class {null} "
+                             f"would be both a class and the null (its guidance would do nothing); retrain or remap "
+                             f"the table so the null class is the last row")
+    return {"kind": "class", "num_classes": rows - 1, "null": null}
 
 
 def _embedding_width(config: dict, config_path: Path) -> int:

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cfg_export import __version__
 from cfg_export.export.loading import LoadedModel, load_model
+from cfg_export.export.memory import activation_bytes_per_row
 from cfg_export.runtime.errors import CfgExportError, require
-from cfg_export.runtime.files import staged_dir
+from cfg_export.runtime.files import check_export_target, staged_dir
+from cfg_export.runtime.validation import expect_int
 from cfg_export.runtime.manifest import METADATA_KEY, ConditionKind, Layout, Manifest, TensorSpec, parse_enum
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,10 @@ def example_inputs(manifest: Manifest, batch: int, seed: int = 0) -> dict:
     facts = manifest.facts
     rows = batch * manifest.rows_per_image
     T = facts.schedule.num_train_timesteps
-    timestep = rng.integers(0, T, size=rows).astype(facts.timestep_dtype)
+    # timesteps spread over the whole range, both ends included: a model that fails at some
+    # noise levels (NaN at t = 0, say) fails the check
+    timestep = np.round(np.linspace(0, T - 1, rows)).astype(facts.timestep_dtype)
+    rng.shuffle(timestep)
     if facts.condition.kind is ConditionKind.CLASS:
         cond = rng.integers(0, facts.condition.num_classes, size=rows).astype(np.int64)
         if manifest.layout is Layout.STACKED:
@@ -159,6 +165,12 @@ def check_export(wrapper, manifest: Manifest, path: Path, batches=CHECK_BATCHES)
         (got,) = session.run(None, feeds)
         with torch.no_grad():
             want = wrapper(*(torch.from_numpy(feeds[s.name]) for s in manifest.inputs)).numpy()
+        for name, values in (("PyTorch", want), ("ONNX Runtime", got)):
+            if not np.all(np.isfinite(values)):
+                bad = sorted({int(t) for t in feeds["timestep"][~np.isfinite(values.reshape(len(values), -1)).all(1)]})
+                raise CfgExportError(f"the model's output under {name} holds NaN or infinity (N={batch}, at "
+                                     f"timesteps {bad[:6]}); check the weights and the model's forward at those "
+                                     f"timesteps; nothing written")
         max_abs = float(np.abs(got - want).max())
         results.append(CheckResult(batch, max_abs, max_abs / max(float(np.abs(want).max()), 1e-12)))
     return results
@@ -180,10 +192,16 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
     folder (see cfg_export.export.diffusers_models); the null embedding is stored in the artifact.
     """
     layout = parse_enum(Layout, layout or Layout.STACKED, "layout")
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
-    if batch is not None and int(batch) < 1:
-        raise CfgExportError(f"--batch: got {batch}, expected images N >= 1")
+    opset = DEFAULT_OPSET if opset is None else expect_int(opset, "--opset", lo=7)
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
+            math.isfinite(tolerance) and tolerance > 0):
+        raise CfgExportError(f"--tolerance: got {tolerance!r}, expected a positive finite number (default "
+                             f"{DEFAULT_TOLERANCE:g})")
+    tolerance = float(tolerance)
+    if batch is not None:
+        expect_int(batch, "--batch", lo=1)
+    check_export_target(model, out_dir, overwrite)
     torch = require("torch", "export")
     from cfg_export.export import wrappers
 
@@ -208,6 +226,7 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
         path = tmp / manifest.model_file
         log.info("exporting %s (%s layout, opset %d) to %s", model, layout.value, opset, out_dir)
         _export_graph(wrapper, manifest, path, opset, example_inputs(manifest, batch or 2))
+        manifest = replace(manifest, activation_bytes_per_row=activation_bytes_per_row(path))
         _write_metadata(path, manifest)
         if loaded.facts.condition.null_file:
             import numpy as np
@@ -217,7 +236,7 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
         if check:
             result.checks = check_export(wrapper, manifest, path)
             worst = max(c.max_rel for c in result.checks)
-            if worst > tolerance:
+            if not math.isfinite(worst) or worst > tolerance:
                 raise CfgExportError(f"ONNX Runtime differs from PyTorch: max relative error {worst:.2e} > "
                                      f"tolerance {tolerance:.0e}; nothing written (pass --tolerance or --no-check)")
         result.manifest = manifest.with_sha(tmp)

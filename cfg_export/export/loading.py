@@ -13,6 +13,7 @@ from typing import Any
 
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import ModelFacts
+from cfg_export.runtime.validation import expect_dict, expect_str, refuse_unknown, require_keys
 
 log = logging.getLogger(__name__)
 
@@ -92,29 +93,90 @@ def _load_folder(folder: Path) -> LoadedModel:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise CfgExportError(f"{folder}: no {CONFIG_NAME}; a model folder holds config.json and .safetensors weights")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CfgExportError(f"{config_path}: not valid JSON ({exc})") from None
-    for key in ("factory", "guidance"):
-        if key not in config:
-            raise CfgExportError(f"{config_path}: missing {key!r} (expected keys: factory, args, weights, guidance)")
-    facts = ModelFacts.from_dict(config["guidance"])
-    code_dir = (folder / config.get("code_dir", ".")).resolve()
+    config = read_config(config_path)
+    facts = config["guidance"]
+    code_dir = (folder / config["code_dir"]).resolve()
     factory = import_factory(config["factory"], folder.resolve(), code_dir)
-    try:
-        module, _ = _split_factory_result(factory(**config.get("args", {})), config["factory"])
-    except TypeError as exc:
-        raise CfgExportError(f"factory {config['factory']!r} does not take the config's args: {exc}") from None
-    weights = folder / config.get("weights", "model.safetensors")
+    module, _ = _split_factory_result(call_factory(factory, config["factory"], config["args"]), config["factory"])
+    weights = folder / config["weights"]
     if not weights.is_file():
         raise CfgExportError(f"{weights}: weights file missing (config.json names it)")
     state = load_state_dict(weights)
+    check_finite_weights(state, weights)
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise CfgExportError(f"{weights} does not fit the module built by {config['factory']}: {str(exc).splitlines()[0]}") from None
+        raise CfgExportError(f"{weights} does not fit the module built by {config['factory']}: "
+                             f"{describe_state_mismatch(module, state) or str(exc).splitlines()[0]}") from None
     return LoadedModel(module.eval(), facts, str(folder))
+
+
+def check_finite_weights(state: dict, source) -> None:
+    """Raises CfgExportError naming the first tensor of a weights file that holds NaN or infinity."""
+    torch = require("torch", "export")
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CfgExportError(f"{source}: tensor {name!r} holds {bad} NaN or infinite value"
+                                     f"{'s' * (bad > 1)}; the weights are broken (a diverged run, or a bad "
+                                     f"conversion): export a good checkpoint")
+
+
+CONFIG_KEYS = ("factory", "code_dir", "args", "weights", "guidance", "description", "training")  # the last two: free notes
+
+
+def read_config(config_path: Path) -> dict:
+    """Returns a model folder's config.json with its defaults filled in and its guidance
+    block parsed (ModelFacts); raises CfgExportError naming the first bad field."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CfgExportError(f"{config_path}: not valid JSON ({str(exc)[:100]})") from None
+    try:
+        config = expect_dict(config, "config.json")
+        require_keys(config, ("factory", "guidance"), "config.json")
+        refuse_unknown(config, CONFIG_KEYS, "config.json")
+        factory = expect_str(config["factory"], "config.json factory")
+        args = expect_dict(config.get("args", {}), "config.json args")
+        code_dir = expect_str(config.get("code_dir", "."), "config.json code_dir")
+        weights = expect_str(config.get("weights", "model.safetensors"), "config.json weights")
+        if not weights or Path(weights).is_absolute():
+            raise CfgExportError(f"config.json weights: got {weights!r}, expected a file name in the model folder")
+        facts = ModelFacts.from_dict(config["guidance"], "config.json guidance")
+    except CfgExportError as exc:
+        raise CfgExportError(f"{config_path}: {exc}") from None
+    return {"factory": factory, "args": args, "code_dir": code_dir, "weights": weights, "guidance": facts}
+
+
+def call_factory(factory, spec: str, args: dict):
+    """Calls a user's factory; an exception it raises becomes one line naming it."""
+    try:
+        return factory(**args)
+    except TypeError as exc:
+        raise CfgExportError(f"factory {spec!r} does not take the config's args {sorted(args)}: {exc}") from None
+    except Exception as exc:  # the user's code: any exception is theirs to fix, shown in one line
+        raise CfgExportError(f"factory {spec!r} raised {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             f"; fix the factory (run it in Python to see the traceback)") from None
+
+
+def describe_state_mismatch(module, state: dict) -> str:
+    """Returns which tensors differ between a module and a weights file: missing, unexpected,
+    and shape mismatches (a few of each, with counts), or '' when they agree."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for label, names in (("missing in the file", missing), ("not in the module", unexpected),
+                         ("shape file vs module", shapes)):
+        if names:
+            shown = "; ".join(names[:3]) + (f"; ... ({len(names)} in all)" if len(names) > 3 else "")
+            parts.append(f"{label}: {shown}")
+    if parts:
+        parts.append("is it the weights of another architecture or another config 'args'?")
+    return " | ".join(parts)
 
 
 def load_model(model: str, null_class: int | None = None, null_embedding: str | Path | None = None) -> LoadedModel:
@@ -139,8 +201,8 @@ def load_model(model: str, null_class: int | None = None, null_embedding: str | 
         raise CfgExportError(f"{model}: a file, not a model folder; MODEL is a folder with config.json or 'module:factory'")
     if ":" not in model:
         raise CfgExportError(f"{model}: no such model folder, and not a 'module:factory' string")
-    module, facts = _split_factory_result(import_factory(model)(), model)
+    module, facts = _split_factory_result(call_factory(import_factory(model), model, {}), model)
     if facts is None:
         raise CfgExportError(f"factory {model!r} returned only a module; return (module, guidance facts dict) "
                              "with condition, prediction, schedule, sample_shape")
-    return LoadedModel(module.eval(), ModelFacts.from_dict(facts), model)
+    return LoadedModel(module.eval(), ModelFacts.from_dict(facts, f"factory {model!r} guidance facts"), model)

@@ -84,10 +84,15 @@ def check_output_shape(model: torch.nn.Module, facts: ModelFacts, example: tuple
     try:
         with torch.no_grad():
             out = _first_tensor(model(*example[:3]))
-    except (TypeError, RuntimeError) as exc:
-        raise CfgExportError(
-            f"calling {type(model).__name__} as {EXPECTED_SIGNATURE} failed: {str(exc).splitlines()[0]}"
-        ) from None
+    except IndexError as exc:
+        null = facts.condition.null
+        hint = (f"; is the null class {null} beyond the model's class embedding table? (the probe feeds real "
+                f"classes and the null class)" if null is not None else "")
+        raise CfgExportError(f"calling {type(model).__name__} as {EXPECTED_SIGNATURE} failed: IndexError "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}{hint}") from None
+    except Exception as exc:  # the user's model: whatever it raises is shown in one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CfgExportError(f"calling {type(model).__name__} as {EXPECTED_SIGNATURE} failed: {first}") from None
     sample = example[0]
     if not isinstance(out, torch.Tensor):
         raise CfgExportError(f"{type(model).__name__} returned {type(out).__name__}; expected a tensor shaped like sample")

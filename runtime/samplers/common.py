@@ -80,8 +80,9 @@ def finish_step(x: np.ndarray, i: int, timesteps: np.ndarray, callback: Callback
     t = int(timesteps[i])
     if not np.all(np.isfinite(x)) or np.abs(x).max() > np.finfo(np.float32).max:  # inf once cast to float32
         raise CfgExportError(
-            f"{sampler}: NaN or Inf in the sample at step {i + 1}/{len(timesteps)} (t={t}); "
-            "try a smaller w or dynamic thresholding"
+            f"{sampler}: NaN or Inf in the sample at step {i + 1}/{len(timesteps)} (t={t}), made by the sampler's "
+            "update from finite model outputs: the guided output grew past float range, so the guidance weight "
+            "is too large for this model: try a smaller w, or dynamic thresholding (--threshold 0.995)"
         )
     if callback is not None:
         callback(i, t, x.astype(np.float32))

@@ -80,7 +80,7 @@ def test_bench_cli_json(tiny_artifacts, tmp_path):
 
 
 def test_eval_on_reference_model(digits_artifact):
-    rows = evaluate_guidance(digits_artifact, [0.0, 3.0], per_class=3, steps=10)
+    rows = evaluate_guidance(digits_artifact, [0.0, 3.0], per_class=3, steps=10, resamples=100)
     assert [r.w for r in rows] == [0.0, 3.0] and all(r.samples == 30 for r in rows)
     for r in rows:
         for e in (r.accuracy, r.inception_score, r.frechet_distance):

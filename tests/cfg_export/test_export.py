@@ -209,16 +209,21 @@ def test_unwritable_out_dir(tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
 
 
-def test_existing_out_dir_needs_overwrite(tmp_path):
+def test_existing_out_dir_needs_overwrite_and_only_artifacts_are_replaced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     proc = run_cli("onnx", "tests.models:conv2d", "-o", out)
     assert proc.returncode == 1 and "pass --overwrite" in proc.stderr
+    proc = run_cli("onnx", "tests.models:conv2d", "-o", out, "--overwrite")  # a folder of the user's: never
+    assert proc.returncode == 1 and "not a folder written by cfg-export" in proc.stderr, proc.stderr
     assert (out / "keep.txt").read_text() == "mine"
-    proc = run_cli("onnx", "tests.models:conv2d", "-o", out, "--overwrite")
+    artifact = tmp_path / "artifact"
+    assert run_cli("onnx", "tests.models:conv2d", "-o", artifact, "-q").returncode == 0
+    proc = run_cli("onnx", "tests.models:conv1d", "-o", artifact, "--overwrite", "-q")  # an artifact: replaced
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx"] and no_partial(tmp_path)
+    assert sorted(p.name for p in artifact.iterdir()) == ["manifest.json", "model.onnx"] and no_partial(tmp_path)
+    assert json.loads((artifact / "manifest.json").read_text())["sample_shape"] == [3, 10]
 
 
 def test_check_above_tolerance_writes_nothing(tmp_path):

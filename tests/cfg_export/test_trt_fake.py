@@ -22,7 +22,7 @@ from cfg_export.runtime.guidance import GuidanceOptions
 from cfg_export.runtime.pipeline import sample_guided
 from cfg_export.runtime.trt_versions import DeviceInfo
 from tests import fake_tensorrt
-from tests.cfg_export.test_trt_cli import TINY_KEPT
+from tests.cfg_export.test_trt_cli import tiny_kept
 from tests.fake_tensorrt import FakeCuda
 
 
@@ -73,7 +73,8 @@ def test_tensorrt_10_fp16_constrains_the_kept_layers(fake, artifact, tmp_path):
     assert [p.shapes for p in config.profiles] == [{"sample": ((2, 2, 6, 6), (8, 2, 6, 6), (16, 2, 6, 6)),
                                                      "timestep": ((2,), (8,), (16,)), "cond": ((2,), (8,), (16,))}]
     constrained = [layer for layer in network.layers if layer.precision == trt.float32]
-    assert [layer.name for layer in constrained] == TINY_KEPT and result.constrained == len(TINY_KEPT)
+    kept = tiny_kept(artifact)
+    assert [layer.name for layer in constrained] == kept and result.constrained == len(kept)
     assert all(set(layer.output_types.values()) == {trt.float32} for layer in constrained)
     m = read_engine_manifest(artifact)
     assert m.precision == "fp16" and m.model_file == "model.engine"
@@ -211,3 +212,16 @@ def test_calls_outside_the_profiles_are_refused(fake, fp32_engine):
 
 def read_engine_manifest(directory):
     return Artifact.open(directory).stage().engine.manifest
+
+
+def test_teardown_releases_in_reverse_order_of_creation(fake, fp32_engine):
+    """Execution contexts, then the engine, then its runtime, and the CUDA context last:
+    TensorRT objects destroyed after their CUDA context touch freed state."""
+    fake("10.3.0.30")
+    with TensorRTBackend(fp32_engine / "model.engine", read_engine_manifest(fp32_engine)) as backend:
+        backend.infer(feeds(4))
+        backend.infer(feeds(8))
+        fake_tensorrt.CALLS.clear()
+    destroyed = [what for call, *rest in fake_tensorrt.CALLS if call == "destroy" for what in rest]
+    order = [what for k, what in enumerate(destroyed) if k == 0 or destroyed[k - 1] != what]  # one per kind
+    assert order == ["context", "engine", "runtime", "cuda context"], destroyed

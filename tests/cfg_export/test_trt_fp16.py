@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+
+from tests import graph_ref
 from onnx import TensorProto, helper
 
 from cfg_export.export.exporter import export_onnx
@@ -65,15 +67,20 @@ def test_tiny_model_kept_nodes_are_fp32(tiny_artifacts):
     before = source.SerializeToString()
     result = convert_fp16(source)
     model = result.model
-    nodes = {n.name: n for n in model.graph.node}
-    # what the default list names, read off the graph by op type and position
-    assert float_types(model, nodes["/model/norm/InstanceNormalization"]) == {F32}
-    assert float_types(model, nodes["/model/inp/Conv"]) == {F32}  # reads `sample`: the first conv
-    assert float_types(model, nodes["/model/out/Conv"]) == {F32}  # writes `eps`: the last conv
-    assert float_types(model, nodes["/model/time/Gemm"]) == {F32}  # the time embedding
-    assert float_types(model, nodes["/model/norm/Mul"]) == {F32}  # GroupNorm's affine, decomposed
-    assert float_types(model, nodes["/model/Sigmoid"]) == {F16}  # SiLU: not kept
-    assert float_types(model, nodes["/model/Add_1"]) == {F16}  # sample features + embedding
+    g = model.graph
+    # what the default list names, found by op type and position (tests/graph_ref.py), not by name
+    norm, mul = graph_ref.only(g, "InstanceNormalization"), graph_ref.group_norm_nodes(g)[3]
+    assert float_types(model, norm) == {F32}
+    assert float_types(model, graph_ref.first_conv(g)) == {F32}  # reads `sample`: the first conv
+    assert float_types(model, graph_ref.last_conv(g)) == {F32}  # writes `eps`: the last conv
+    assert float_types(model, graph_ref.only(g, "Gemm")) == {F32}  # the time embedding
+    assert mul.op_type == "Mul" and float_types(model, mul) == {F32}  # GroupNorm's affine, decomposed
+    assert float_types(model, graph_ref.only(g, "Sigmoid")) == {F16}  # SiLU: not kept
+    features = graph_ref.first_conv(g).output[0]  # sample features + embedding: the Add after the first conv
+    (add,) = [n for n in g.node if n.op_type == "Add" and any(
+        i == features or (graph_ref.producer(g, i) is not None and graph_ref.producer(g, i).op_type == "Cast"
+                          and graph_ref.producer(g, i).input[0] == features) for i in n.input)]
+    assert float_types(model, add) == {F16}
     assert [(v.name, v.type.tensor_type.elem_type) for v in model.graph.input] == [
         ("sample", F32), ("timestep", TensorProto.INT64), ("cond", TensorProto.INT64)]
     assert [(v.name, v.type.tensor_type.elem_type) for v in model.graph.output] == [("eps", F32)]
@@ -99,7 +106,8 @@ def test_unet_matches_fp32_and_keeps_the_right_convs(unet):
     init_types = {t.name: t.data_type for t in model.graph.initializer}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     fp32_convs = [n.name for n in convs if init_types.get(n.input[1]) == F32]
-    assert len(convs) == 35 and fp32_convs == ["/model/conv_in/Conv", "/model/conv_out/Conv"]  # first and last only
+    ends = [graph_ref.first_conv(source.graph).name, graph_ref.last_conv(source.graph).name]
+    assert len(convs) == 35 and fp32_convs == ends  # first and last only
     for node in model.graph.node:
         if node.op_type in ("InstanceNormalization", "Sin", "Cos", "Gemm"):  # norms, time embedding MLP
             assert float_types(model, node) == {F32}, node.name
@@ -175,17 +183,18 @@ def test_softmax_and_native_group_norm_are_kept():
 
 def test_user_patterns(tiny_artifacts):
     source = onnx.load(str(tiny_artifacts / "stacked" / "model.onnx"))
-    only_norm = convert_fp16(source, ["/model/norm/*"]).kept
-    assert only_norm == ["/model/norm/Reshape", "/model/norm/InstanceNormalization", "/model/norm/Shape",
-                         "/model/norm/Reshape_1", "/model/norm/Mul", "/model/norm/Add"]
+    scope = graph_ref.only(source.graph, "InstanceNormalization").name.rsplit("/", 1)[0]  # the norm's module path
+    in_scope = [n.name for n in source.graph.node if n.name.startswith(scope + "/") and n.op_type != "Constant"]
+    assert len(in_scope) >= 5 and convert_fp16(source, [scope + "/*"]).kept == in_scope
     with_sigmoid = convert_fp16(source, ["default", "Sigmoid"]).kept
-    assert "/model/Sigmoid" in with_sigmoid and "/model/out/Conv" in with_sigmoid
+    assert graph_ref.only(source.graph, "Sigmoid").name in with_sigmoid
+    assert graph_ref.last_conv(source.graph).name in with_sigmoid
     assert convert_fp16(source, ["none"]).kept == []
     assert DEFAULT_KEEP_FP32 == ("@norm", "Softmax", "@embedding", "@first-conv", "@last-conv")
 
 
 @pytest.mark.parametrize("keep,message", [
-    (["/model/mid/*"], r"--keep-fp32 '/model/mid/\*': matches no node .*node names look like '/model/"),
+    (["/nowhere/mid/*"], r"--keep-fp32 '/nowhere/mid/\*': matches no node .*node names look like '"),
     (["@attention"], r"--keep-fp32 '@attention': no such group; groups: @norm, @embedding, @first-conv, @last-conv"),
 ])
 def test_bad_patterns_are_refused(tiny_artifacts, keep, message):

@@ -290,7 +290,7 @@ def test_nan_or_inf_names_sampler_and_step(name):
         eps = denoise(x, t, cond)
         return np.full_like(eps, np.inf) if t == bad_t else eps
 
-    expected = f"{name}: NaN or Inf in the sample at step 4/10 (t={bad_t}); try a smaller w"
+    expected = f"{name}: NaN or Inf in the sample at step 4/10 (t={bad_t}), made by the sampler's update"
     with pytest.raises(CfgExportError, match=re.escape(expected)):
         get_sampler(name)(exploding, noise(), COND, ALPHAS_CUMPROD, TIMESTEPS, np.random.default_rng(0))
 
