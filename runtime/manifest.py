@@ -26,10 +26,12 @@ DTYPES = ("float32", "float16", "int64", "int32")
 
 class Layout(enum.Enum):
     """stacked: one call on [cond rows; null rows], 2N rows, the mix on the host.
-    fused: N rows and w as inputs; stacking, null condition and mix inside the graph."""
+    fused: N rows and w as inputs; stacking, null condition and mix inside the graph.
+    plain: a pipeline stage outside guidance (a VAE decoder): N rows, one per image."""
 
     STACKED = "stacked"
     FUSED = "fused"
+    PLAIN = "plain"
 
 
 class Prediction(enum.Enum):
@@ -40,21 +42,37 @@ class Prediction(enum.Enum):
 
 class ConditionKind(enum.Enum):
     CLASS = "class"  # int64 labels [B]; null = an extra class index
-    EMBEDDING = "embedding"  # float32 [B, L, D]; null = an embedding stored beside the model
+    EMBEDDING = "embedding"  # float32 [B, *shape]; null = an embedding stored beside the model (or a rule)
+
+
+class NullRule(enum.Enum):
+    """Where the null rows of an embedding condition come from."""
+
+    FILE = "file"  # the values in null_file (Stable Diffusion: the empty prompt's encoding)
+    ZEROS = "zeros"  # zeros (SDXL's force_zeros_for_empty_prompt)
+    COPY = "copy"  # the image's own conditional row (SDXL's time_ids: the same sizes in both halves)
+
+
+DEFAULT_CONDITION = "cond"  # the input name of a model's single condition
 
 
 @dataclass(frozen=True)
 class Condition:
-    """What `cond` holds and what the null condition is."""
+    """What a condition input holds and what its null value is. A model has one (named
+    `cond`) or several named ones (SDXL: encoder_hidden_states, text_embeds, time_ids)."""
 
     kind: ConditionKind = ConditionKind.CLASS
     num_classes: int | None = None  # for CLASS: labels 0..num_classes-1 are real classes
     null: int | None = None  # for CLASS: the null class index
     null_file: str | None = None  # for EMBEDDING: .npy beside the model, shape `shape`
-    shape: tuple[int, ...] | None = None  # for EMBEDDING: [L, D]
+    shape: tuple[int, ...] | None = None  # for EMBEDDING: one row without the batch, [L, D] or [D]
+    name: str = DEFAULT_CONDITION  # the graph input that takes it
+    null_rule: NullRule | None = None  # for EMBEDDING: file (default when null_file is set), zeros or copy
 
     def __post_init__(self):
         object.__setattr__(self, "kind", parse_enum(ConditionKind, self.kind, "condition kind"))
+        if self.null_rule is not None:
+            object.__setattr__(self, "null_rule", parse_enum(NullRule, self.null_rule, "condition null_rule"))
         if self.kind is ConditionKind.CLASS:
             if self.num_classes is None or self.null is None:
                 raise CfgExportError("condition kind 'class' needs 'num_classes' and 'null' (the null class index)")
@@ -62,12 +80,25 @@ class Condition:
                 raise CfgExportError(f"condition null: got {self.null}, expected a class index >= 0")
         elif self.shape is not None:
             object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.null_rule is NullRule.FILE and self.null_file is None:
+            raise CfgExportError(f"condition {self.name!r}: null_rule 'file' needs a null_file")
+
+    @property
+    def rule(self) -> NullRule | None:
+        """The null rule of an embedding condition (file when only null_file is given)."""
+        if self.null_rule is not None:
+            return self.null_rule
+        return NullRule.FILE if self.null_file is not None else None
 
     def to_dict(self) -> dict:
         d = {"kind": self.kind.value}
+        if self.name != DEFAULT_CONDITION:
+            d = {"name": self.name, **d}
         for name in ("num_classes", "null", "null_file"):
             if getattr(self, name) is not None:
                 d[name] = getattr(self, name)
+        if self.null_rule is not None:
+            d["null_rule"] = self.null_rule.value
         if self.shape is not None:
             d["shape"] = list(self.shape)
         return d
@@ -82,6 +113,12 @@ class ModelFacts:
     schedule: NoiseSchedule
     sample_shape: tuple[int, ...]  # one sample, without the batch: [C, H, W], [C, L], [L, D], ...
     timestep_dtype: str = "int64"
+    extra_conditions: tuple[Condition, ...] = ()  # further named condition inputs, after `condition`
+
+    @property
+    def conditions(self) -> tuple[Condition, ...]:
+        """Every condition input, in the graph's input order."""
+        return (self.condition, *self.extra_conditions)
 
     def __post_init__(self):
         object.__setattr__(self, "prediction", parse_enum(Prediction, self.prediction, "prediction type"))
@@ -91,26 +128,41 @@ class ModelFacts:
         object.__setattr__(self, "sample_shape", shape)
         if self.timestep_dtype not in ("int64", "float32"):
             raise CfgExportError(f"timestep_dtype: got {self.timestep_dtype!r}, expected one of int64, float32")
+        names = [c.name for c in self.conditions]
+        if len(set(names)) != len(names) or {"sample", "timestep", "w"} & set(names):
+            raise CfgExportError(f"condition names: got {names}, expected distinct names other than sample, "
+                                 f"timestep, w")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
-        """Returns the facts of a config's "guidance" block; raises CfgExportError naming a missing key."""
-        required = ("condition", "prediction", "schedule", "sample_shape")
-        missing = [k for k in required if k not in d]
+        """Returns the facts of a config's "guidance" block; raises CfgExportError naming a missing key.
+        One condition is given as "condition", several named ones as the list "conditions"."""
+        required = ("prediction", "schedule", "sample_shape")
+        missing = [k for k in required if k not in d] + ([] if "condition" in d or "conditions" in d else
+                                                         ["condition"])
         if missing:
-            raise CfgExportError(f"guidance facts: missing {', '.join(missing)} (expected keys: {', '.join(required)})")
-        cond = dict(d["condition"])
+            raise CfgExportError(f"guidance facts: missing {', '.join(missing)} (expected keys: condition, "
+                                 f"{', '.join(required)})")
+        conditions = [Condition(**dict(c)) for c in d["conditions"]] if "conditions" in d else \
+            [Condition(**dict(d["condition"]))]
+        if not conditions:
+            raise CfgExportError("guidance facts: 'conditions' is empty, expected at least one condition")
         return cls(
-            condition=Condition(**cond),
+            condition=conditions[0],
             prediction=d["prediction"],
             schedule=NoiseSchedule.from_dict(d["schedule"]),
             sample_shape=d["sample_shape"],
             timestep_dtype=d.get("timestep_dtype", "int64"),
+            extra_conditions=tuple(conditions[1:]),
         )
 
     def to_dict(self) -> dict:
+        if self.extra_conditions or self.condition.name != DEFAULT_CONDITION:
+            conditions = {"conditions": [c.to_dict() for c in self.conditions]}
+        else:
+            conditions = {"condition": self.condition.to_dict()}
         return {
-            "condition": self.condition.to_dict(),
+            **conditions,
             "prediction": self.prediction.value,
             "schedule": self.schedule.to_dict(),
             "sample_shape": list(self.sample_shape),
@@ -136,9 +188,10 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything the runtime needs to know about one model file of an artifact."""
+    """Everything the runtime needs to know about one model file of an artifact. `facts`
+    are a denoiser's ModelFacts, or a pipeline stage's (runtime.stage_facts)."""
 
-    facts: ModelFacts
+    facts: ModelFacts  # or TextEncoderFacts, VaeDecoderFacts
     layout: Layout
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -149,13 +202,19 @@ class Manifest:
     opset: int | None = None
     producer: dict = field(default_factory=dict)
     engine: dict | None = None  # TensorRT facts, for engine manifests
+    data_file: str | None = None  # ONNX external data beside the model (models over 2 GB)
+    data_sha256: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "layout", parse_enum(Layout, self.layout, "layout"))
 
     @property
+    def is_denoiser(self) -> bool:
+        return isinstance(self.facts, ModelFacts)
+
+    @property
     def rows_per_image(self) -> int:
-        """Rows the graph computes per image: 2 for stacked, 1 for fused."""
+        """Rows the graph computes per image: 2 for stacked, 1 for fused and plain."""
         return 2 if self.layout is Layout.STACKED else 1
 
     def input(self, name: str) -> TensorSpec:
@@ -179,17 +238,27 @@ class Manifest:
         }
         if self.engine is not None:
             d["engine"] = self.engine
+        if self.data_file is not None:
+            d["data_file"] = self.data_file
         if with_sha:
             d["model_sha256"] = self.model_sha256
+            if self.data_file is not None:
+                d["data_sha256"] = self.data_sha256
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         if d.get("format") != FORMAT:
             raise CfgExportError(f"manifest format: got {d.get('format')!r}, expected {FORMAT!r}")
+        if d.get("stage", "denoiser") == "denoiser":
+            facts = ModelFacts.from_dict(d)
+        else:
+            from .stage_facts import read_stage_facts
+
+            facts = read_stage_facts(d)
         try:
             return cls(
-                facts=ModelFacts.from_dict(d),
+                facts=facts,
                 layout=d["layout"],
                 inputs=tuple(TensorSpec.from_dict(s) for s in d["inputs"]),
                 outputs=tuple(TensorSpec.from_dict(s) for s in d["outputs"]),
@@ -200,13 +269,16 @@ class Manifest:
                 opset=d.get("opset"),
                 producer=d.get("producer", {}),
                 engine=d.get("engine"),
+                data_file=d.get("data_file"),
+                data_sha256=d.get("data_sha256", ""),
             )
         except (KeyError, TypeError) as exc:
             raise CfgExportError(f"manifest is incomplete: {exc!r}; re-export the model with cfg-export onnx") from None
 
     def with_sha(self, directory: str | Path) -> "Manifest":
-        """Returns a copy whose model_sha256 is that of the model file in `directory`."""
-        return replace(self, model_sha256=sha256_file(Path(directory) / self.model_file))
+        """Returns a copy whose model_sha256 (and data_sha256) are those of the files in `directory`."""
+        data = sha256_file(Path(directory) / self.data_file) if self.data_file else ""
+        return replace(self, model_sha256=sha256_file(Path(directory) / self.model_file), data_sha256=data)
 
     def write(self, directory: str | Path, name: str = MANIFEST_NAME) -> Path:
         """Writes the manifest as JSON into `directory` (whole or not at all); returns its path."""
