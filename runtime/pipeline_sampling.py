@@ -22,7 +22,6 @@ from .errors import CfgExportError
 from .files import check_output_file
 from .guidance import GuidanceOptions, GuidedDenoiser
 from .images import IMAGE_FORMATS, save_grid, save_npy
-from .manifest import ConditionKind
 from .pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, check_seed
 from .progress import Progress
 from .samplers import get_sampler

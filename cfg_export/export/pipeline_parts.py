@@ -68,7 +68,7 @@ def read_scheduler_config(folder: Path) -> dict:
 
 def load_model(folder: Path, key: str, library: str, class_name: str):
     """Returns the component `key` loaded in float32 by its library (diffusers or transformers)."""
-    module = require(library, "dev" if library == "transformers" else "diffusers")
+    module = require(library, "diffusers")
     cls = getattr(module, class_name, None)
     if cls is None:
         raise CfgExportError(f"{folder / key}: {library} has no class {class_name}")
@@ -82,7 +82,7 @@ def load_model(folder: Path, key: str, library: str, class_name: str):
 
 
 def load_tokenizer(folder: Path, key: str, class_name: str):
-    transformers = require("transformers", "dev")
+    transformers = require("transformers", "diffusers")
     cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
     try:
         return cls.from_pretrained(str(folder / key), local_files_only=True)
@@ -114,7 +114,7 @@ class StageWriter:
     def tokenizer(self, stage: str, tokenizer, max_length: int | None = None) -> dict:
         """Writes the tokenizer as tokenizer.json (without padding or truncation: the
         runtime sets them from the facts); returns its facts."""
-        tokenizers = require("tokenizers", "runtime-text")
+        tokenizers = require("tokenizers", "diffusers")
         backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         backend.no_padding()
         backend.no_truncation()

@@ -60,6 +60,9 @@ def test_text_pipeline_matches_diffusers(pipeline_artifacts, pipeline_references
     assert rel(ours.latents, theirs_latents) < LATENT_TOLERANCE
     assert np.abs(ours.images - theirs_images).max() < IMAGE_TOLERANCE
     assert ours.rows["text_encoders"] == 4 * len(Artifact.open(artifact).pipeline["prompt"]["encoders"])
+    # the comparison sees the conditions: the negatives swapped between the images is far outside it
+    swapped = sample_pipeline(artifact, PROMPTS, NEGATIVES[::-1], w=W, steps=STEPS, noise=latents)
+    assert rel(swapped.latents, theirs_latents) > 10 * LATENT_TOLERANCE
 
 
 def test_sd_without_negative_prompt_uses_the_empty_prompt(pipeline_artifacts, pipeline_references):
