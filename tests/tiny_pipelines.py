@@ -1,7 +1,6 @@
 """Tiny diffusers pipelines with seeded random weights, saved with save_pretrained as
 a user's folder would be: Stable Diffusion (1.x layout, eps or v), SDXL (two text
-encoders, text_time conditions), DiT (class labels, id2label), SD3 (three text
-encoders, joint attention). The CLIP tokenizers are built from a vocab.json and a
+encoders, text_time conditions), DiT (class labels, id2label). The CLIP tokenizers are built from a vocab.json and a
 merges.txt written here; nothing is downloaded.
 """
 from __future__ import annotations

@@ -155,6 +155,7 @@ class StageWriter:
 
 
 def _producer() -> dict:
+    """The versions recorded in each stage manifest."""
     import onnx
 
     return {"torch": torch.__version__, "onnx": onnx.__version__}

@@ -9,8 +9,8 @@ model_index.json) -> a pipeline artifact, one stage per model:
     OUT/vae_decoder/           latents [N, C, h, w] -> images [N, 3, H, W]
 
 Supported: StableDiffusionPipeline (1.x, 2.x; eps or v), StableDiffusionXLPipeline,
-DiTPipeline, StableDiffusion3Pipeline (see cfg_export.export.sd3). Everything is
-loaded from the folder with local_files_only: nothing is downloaded.
+DiTPipeline. Everything is loaded from the folder with local_files_only: nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -30,8 +30,7 @@ from cfg_export.runtime.files import staged_dir
 log = logging.getLogger(__name__)
 
 PIPELINE_INDEX = "model_index.json"
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DiTPipeline",
-                       "StableDiffusion3Pipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DiTPipeline")
 DEFAULT_TOLERANCE = 1e-4  # max relative error of ONNX Runtime against PyTorch, per stage
 
 # the components each pipeline class needs: (model_index key, what it is)
@@ -40,8 +39,6 @@ COMPONENTS = {
     "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae",
                                   "scheduler"),
     "DiTPipeline": ("transformer", "vae", "scheduler"),
-    "StableDiffusion3Pipeline": ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2",
-                                 "text_encoder_3", "transformer", "vae", "scheduler"),
 }
 
 
@@ -110,10 +107,6 @@ def export_pipeline(folder: str | Path, out_dir: str | Path, *, min_size: int | 
         writer = parts.StageWriter(tmp, options, result)
         if name == "DiTPipeline":
             facts = parts.export_dit(folder, index, writer)
-        elif name == "StableDiffusion3Pipeline":
-            from cfg_export.export.sd3 import export_sd3
-
-            facts = export_sd3(folder, index, writer)
         else:
             facts = parts.export_stable_diffusion(folder, name, writer)
         worst = max((c.max_rel for c in result.checks), default=0.0)

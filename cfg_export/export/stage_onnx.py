@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -125,10 +123,3 @@ def check_stage(module, manifest: Manifest, directory: Path, feeds: list[tuple[s
         checks.append(StageCheck(stage, label, max_abs, max_abs / max(scale, 1e-12)))
     return checks
 
-
-def copy_file(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
-
-
-FeedMaker = Callable[[int, int, int], dict]
