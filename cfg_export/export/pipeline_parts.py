@@ -26,9 +26,6 @@ from cfg_export.runtime.stage_facts import TextEncoderFacts, VaeDecoderFacts
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_SOURCES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",))
-MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
-                 "pytorch_model.bin", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
 SIZE_RANGE = 2  # default image sizes: the model's own size divided and multiplied by this
 
 
@@ -40,25 +37,6 @@ class ExportOptions:
     external_data_bytes: int | None
     min_size: int | tuple[int, int] | None
     max_size: int | tuple[int, int] | None
-
-
-def check_component_files(folder: Path, key: str, class_name: str) -> None:
-    """Raises CfgExportError when a component's folder or its files are missing."""
-    sub = folder / key
-    if not sub.is_dir():
-        raise CfgExportError(f"{folder}: model_index.json names {key} ({class_name}) but {sub} is missing; "
-                             f"save the whole pipeline with save_pretrained")
-    if key.startswith("tokenizer"):
-        if not any(all((sub / f).is_file() for f in files) for files in TOKENIZER_SOURCES):
-            raise CfgExportError(f"{sub}: no tokenizer files (expected tokenizer.json, or vocab.json and merges.txt, "
-                                 f"or spiece.model); save the pipeline's tokenizer with save_pretrained")
-    elif key == "scheduler":
-        if not (sub / "scheduler_config.json").is_file():
-            raise CfgExportError(f"{sub}: no scheduler_config.json; save the pipeline's scheduler with "
-                                 f"save_pretrained")
-    elif not (sub / "config.json").is_file() or not any((sub / f).is_file() for f in MODEL_WEIGHTS):
-        raise CfgExportError(f"{sub}: no config.json and weights ({' or '.join(MODEL_WEIGHTS[:2])}); save the "
-                             f"pipeline with save_pretrained")
 
 
 def read_scheduler_config(folder: Path) -> dict:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfg_export import __version__
-from cfg_export.export import pipeline_parts as parts
 from cfg_export.export.stage_onnx import StageCheck
 from cfg_export.runtime.artifact import PIPELINE_FORMAT, PIPELINE_NAME
 from cfg_export.runtime.errors import CfgExportError, require
@@ -42,6 +41,11 @@ COMPONENTS = {
 }
 
 
+TOKENIZER_SOURCES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",))
+MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                 "pytorch_model.bin", "model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
+
+
 @dataclass
 class PipelineExportResult:
     directory: Path
@@ -56,6 +60,25 @@ class PipelineExportResult:
 def is_pipeline_folder(path: str | Path) -> bool:
     """True for a folder saved by a diffusers pipeline's save_pretrained (it has model_index.json)."""
     return (Path(path) / PIPELINE_INDEX).is_file()
+
+
+def check_component_files(folder: Path, key: str, class_name: str) -> None:
+    """Raises CfgExportError when a component's folder or its files are missing."""
+    sub = folder / key
+    if not sub.is_dir():
+        raise CfgExportError(f"{folder}: model_index.json names {key} ({class_name}) but {sub} is missing; "
+                             f"save the whole pipeline with save_pretrained")
+    if key.startswith("tokenizer"):
+        if not any(all((sub / f).is_file() for f in files) for files in TOKENIZER_SOURCES):
+            raise CfgExportError(f"{sub}: no tokenizer files (expected tokenizer.json, or vocab.json and merges.txt, "
+                                 f"or spiece.model); save the pipeline's tokenizer with save_pretrained")
+    elif key == "scheduler":
+        if not (sub / "scheduler_config.json").is_file():
+            raise CfgExportError(f"{sub}: no scheduler_config.json; save the pipeline's scheduler with "
+                                 f"save_pretrained")
+    elif not (sub / "config.json").is_file() or not any((sub / f).is_file() for f in MODEL_WEIGHTS):
+        raise CfgExportError(f"{sub}: no config.json and weights ({' or '.join(MODEL_WEIGHTS[:2])}); save the "
+                             f"pipeline with save_pretrained")
 
 
 def read_model_index(folder: Path) -> tuple[str, dict]:
@@ -75,7 +98,7 @@ def read_model_index(folder: Path) -> tuple[str, dict]:
             what = "its second text encoder" if key == "text_encoder_2" else key
             raise CfgExportError(f"{folder}: {name} without {key} ({what} is null or absent in {PIPELINE_INDEX}); "
                                  f"cfg-export needs every stage: {', '.join(COMPONENTS[name])}")
-        parts.check_component_files(folder, key, entry[1])
+        check_component_files(folder, key, entry[1])
     return name, index
 
 
@@ -94,6 +117,7 @@ def export_pipeline(folder: str | Path, out_dir: str | Path, *, min_size: int | 
     data. Nothing is left in out_dir on failure.
     """
     require("torch", "export")
+    from cfg_export.export import pipeline_parts as parts
     from cfg_export.export.exporter import DEFAULT_OPSET
 
     start = time.perf_counter()
