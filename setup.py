@@ -5,14 +5,17 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "export": ["torch>=2.1", "onnx>=1.15", "onnxscript", "safetensors>=0.4"],
     "onnxruntime": ["onnxruntime>=1.17"],
+    # the pipeline runtime on a device: prompts to images without torch (tokenizer.json read by tokenizers)
+    "runtime": ["onnxruntime>=1.17", "tokenizers>=0.15"],
     "quantize": ["onnxruntime>=1.17", "onnx>=1.15"],  # cfg-export quantize: onnxruntime.quantization needs onnx
     "onnxruntime-gpu": ["onnxruntime-gpu>=1.17"],
     "tensorrt": ["tensorrt>=10", "cuda-python>=12"],
     "progress": ["tqdm"],
     "plot": ["matplotlib"],
-    "diffusers": ["diffusers>=0.30", "safetensors>=0.4"],  # export from diffusers model folders
+    "diffusers": ["diffusers>=0.30", "safetensors>=0.4", "transformers>=4.40", "tokenizers>=0.15"],  # diffusers folders
     "examples": ["scikit-learn>=1.3"],
-    "dev": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm"],
+    "dev": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "transformers>=4.40", "tokenizers>=0.15",
+            "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm"],
 }
 
 # The repository keeps runtime/ and calibration/ at the top (runtime/ is what gets copied

@@ -74,6 +74,7 @@ class Artifact:
         self.stages = stages
         self.pipeline = pipeline  # the pipeline.json contents, None for a one-model artifact
         self.hashes = 0  # files hashed so far (each at most once)
+        self._verified: set = set()  # files beside the models checked so far
 
     def __repr__(self) -> str:
         return f"Artifact({str(self.directory)!r}, stages={list(self.stages)})"
@@ -162,7 +163,35 @@ class Artifact:
             raise CfgExportError(
                 f"{model.path} does not match its manifest: sha256 {actual[:12]}..., manifest says "
                 f"{model.manifest.model_sha256[:12]}...; the file was changed after export: re-export it")
+        if model.manifest.data_file is not None:  # ONNX external data beside the model
+            self.verify_file(model.path.parent / model.manifest.data_file, model.manifest.data_sha256)
         model.verified = True
+
+    def verify_file(self, path: Path, sha256: str) -> Path:
+        """Returns `path` after checking it against the sha256 its manifest gives (once per file)."""
+        key = ("verified", str(path))
+        if key in self._verified:
+            return path
+        if not path.is_file():
+            raise CfgExportError(f"{path}: missing (its manifest names it); re-export the pipeline")
+        actual = sha256_file(path)
+        self.hashes += 1
+        if actual != sha256:
+            raise CfgExportError(f"{path} does not match its manifest: sha256 {actual[:12]}..., manifest says "
+                                 f"{sha256[:12]}...; the file was changed after export: re-export it")
+        self._verified.add(key)
+        return path
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.pipeline is not None
+
+    def stage_entry(self, name: str) -> dict:
+        """The stage's entry of pipeline.json (folder, model, and a tokenizer's facts)."""
+        if self.pipeline is None:
+            raise CfgExportError(f"{self.directory}: a one-model artifact, not a pipeline (no {PIPELINE_NAME})")
+        self.stage(name)
+        return self.pipeline["stages"][name]
 
     # -- files beside the model -----------------------------------------------------------
 

@@ -225,15 +225,28 @@ def backend_flags(f):
                    "(Kynkaanniemi et al. 2024).")
 @click.option("--threshold", type=float, default=None, metavar="P",
               help="Dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Saharia et al. 2022).")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Pipeline artifact: a prompt, one image each (repeatable).")
+@click.option("--prompts", "prompts_file", metavar="FILE.txt", default=None,
+              help="Pipeline artifact: prompts, one per line (blank lines skipped).")
+@click.option("--negative-prompt", "negative_prompts", multiple=True, metavar="TEXT",
+              help="Pipeline artifact: the negative prompt, one for all or one per prompt (repeatable); default "
+                   "the pipeline's null (the empty prompt, or zeros for SDXL).")
+@click.option("--height", type=int, default=None, help="Pipeline artifact: image height in pixels (default: "
+              "the export's own size).")
+@click.option("--width", type=int, default=None, help="Pipeline artifact: image width in pixels.")
+@click.option("--latents", "latents_out", metavar="FILE.npy", default=None,
+              help="Pipeline artifact: write the final latents [N, C, h, w] float32.")
 @backend_flags
 @click.option("-o", "--out", metavar="FILE.png", default=None,
               help="Image grid, one row per condition (.png, .jpg, ...: the format follows the extension).")
 @click.option("--npy", metavar="FILE.npy", default=None,
-              help="Raw samples [N, ...] as float32 (latents, for latent models).")
+              help="Raw samples [N, ...] as float32 (latents, for latent models); for a pipeline artifact the "
+                   "decoded images [N, H, W, 3] in [0, 1].")
 @verbosity_options
 def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond, n, seed, noise, negative, interval,
-           threshold, backend, threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch, out,
-           npy):
+           threshold, prompts, prompts_file, negative_prompts, height, width, latents_out, backend, threads,
+           no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch, out, npy):
     """Guided sampling from an artifact folder DIR made by `cfg-export onnx`.
 
     Class-conditional models take --classes, embedding models (text-style, e.g. a
@@ -246,9 +259,28 @@ def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond,
     from .grid import sample_grid
     from .guidance import GuidanceOptions
 
+    opened = Artifact.open(artifact)
+    pipeline_options = {"--prompt": prompts, "--prompts": prompts_file, "--negative-prompt": negative_prompts,
+                        "--height": height, "--width": width, "--latents": latents_out}
+    if opened.is_pipeline:
+        for flag, value in (("--cond", cond), ("--n", n), ("--negative", negative), ("--eta", eta)):
+            if value is not None:
+                raise CfgExportError(f"{flag}: not an option of a pipeline artifact (use --prompt, "
+                                     f"--negative-prompt, --classes)")
+        interval_values = parse_list(interval, float, "--interval", "0.3,5")
+        guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
+                                   interval=tuple(interval_values) if interval_values else None, threshold=threshold)
+        _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w, steps, sampler, spacing, seed,
+                         noise, height, width, guidance, latents_out, out, npy,
+                         backend, backend_options(threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16,
+                                                  trt_max_batch))
+        return
+    given = [flag for flag, value in pipeline_options.items() if value not in (None, ())]
+    if given:
+        raise CfgExportError(f"{given[0]}: applies to pipeline artifacts (cfg-export onnx PIPELINE_DIR); this one "
+                             f"is one denoiser: give --classes or --cond")
     if out is None and npy is None:
         raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy")
-    opened = Artifact.open(artifact)
     embedding = opened.manifest.facts.condition.kind.value == "embedding"
     interval_values = parse_list(interval, float, "--interval", "0.3,5")
     if interval_values is not None and len(interval_values) != 2:
@@ -277,6 +309,44 @@ def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond,
     say(f"{steps_done} steps on {result.backend}: {1e3 * total / steps_done:.2f} ms/step (model "
         f"{1e3 * model / steps_done:.2f} ms, host {1e3 * (total - model) / steps_done:.2f} ms = "
         f"{100 * result.host_share:.1f}%), total {total:.2f} s")
+
+
+def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str] | None:
+    """Returns the prompts of --prompt and --prompts FILE (one per line), None when neither is given."""
+    if prompts_file is None:
+        return list(prompts) if prompts else None
+    try:
+        lines = open(prompts_file, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CfgExportError(f"--prompts {prompts_file}: cannot read it as text ({exc})") from None
+    found = [line.strip() for line in lines if line.strip()]
+    if not found:
+        raise CfgExportError(f"--prompts {prompts_file}: holds no prompt; expected one prompt per line")
+    return list(prompts) + found
+
+
+def _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w, steps, sampler, spacing, seed,
+                     noise, height, width, guidance, latents_out, out, npy, backend, options) -> None:
+    """`sample` on a pipeline artifact: prompts (or classes) to images."""
+    from .grid import read_npy
+    from .pipeline_sampling import sample_pipeline_files
+
+    w_values = parse_list(w, float, "--w", "6.5 (or one per image)")
+    with ProgressBar("sampling") as bar:
+        result = sample_pipeline_files(
+            opened, out=out, npy=npy, latents=latents_out, prompts=read_prompts(prompts, prompts_file),
+            negative_prompts=list(negative_prompts) or None,
+            classes=parse_list(classes, str, "--classes", "207,goldfish"), w=0.0 if w_values is None else w_values[0] if len(w_values) == 1 else w_values,
+            steps=steps, sampler=sampler, spacing=spacing, seed=seed,
+            noise=read_npy(noise, "--noise") if noise is not None else None, height=height, width=width,
+            guidance=guidance, backend=backend, backend_options=options, progress=bar)
+    for message in result.warnings:
+        warn(message)
+    for path, what in result.written:
+        say(f"wrote {path} ({what})")
+    steps_done = len(result.step_seconds)
+    times = ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in result.stage_seconds.items())
+    say(f"{steps_done} steps on {result.backend}: {sum(result.step_seconds):.2f} s; model time per stage: {times}")
 
 
 @click.group(cls=Group, context_settings=CONTEXT)

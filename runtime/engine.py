@@ -47,9 +47,22 @@ class Profile:
         return cls(tuple(d["rows"]), {name: tuple(tuple(s) for s in triple) for name, triple in d["shapes"].items()})
 
 
-def input_shape(spec: TensorSpec, rows: int) -> Shape:
-    """Returns the concrete shape of an input at `rows` rows: named sizes ('2N', 'N') become rows."""
-    return tuple(rows if isinstance(size, str) else int(size) for size in spec.shape)
+def input_shape(spec: TensorSpec, rows: int, sizes: dict[str, int] | None = None) -> Shape:
+    """Returns the concrete shape of an input at `rows` rows: the named batch size ('2N',
+    'N') becomes rows, other named sizes (a pipeline's spatial 'H', 'W') come from `sizes`."""
+    sizes = sizes or {}
+    return tuple(int(size) if not isinstance(size, str) else rows if i == 0 or size not in sizes else int(sizes[size])
+                 for i, size in enumerate(spec.shape))
+
+
+def named_sizes(manifest: Manifest, feeds: dict) -> dict[str, int]:
+    """Returns the named sizes other than the batch (e.g. {'H': 64, 'W': 96}) that `feeds` bind."""
+    sizes = {}
+    for spec in manifest.inputs:
+        for i, size in enumerate(spec.shape):
+            if i > 0 and isinstance(size, str) and spec.name in feeds:
+                sizes[size] = int(feeds[spec.name].shape[i])
+    return sizes
 
 
 def resolve_batches(min_batch: int | None = None, opt_batch: int | None = None,

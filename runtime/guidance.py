@@ -249,11 +249,14 @@ class GuidedDenoiser:
     output converted to eps with the prediction type, thresholded when asked.
 
     Embedding conditions: the null rows hold `null_embedding` [L, D] (the artifact's,
-    Artifact.null_embedding) for every image, or options.negative.
+    Artifact.null_embedding) for every image, or options.negative. `nulls`, when given,
+    holds the null rows [N, ...] of every condition input by name (a pipeline's
+    denoiser with several condition inputs) and replaces both.
     """
 
     def __init__(self, backend: Backend, alphas_cumprod: np.ndarray, n: int, options: GuidanceOptions,
-                 record: Callable[[dict], None] | None = None, null_embedding: np.ndarray | None = None):
+                 record: Callable[[dict], None] | None = None, null_embedding: np.ndarray | None = None,
+                 nulls: dict[str, np.ndarray] | None = None):
         manifest = backend.manifest
         self.manifest = manifest
         self.alphas_cumprod = alphas_cumprod
@@ -261,7 +264,9 @@ class GuidedDenoiser:
         if options.negative is not None and manifest.layout is Layout.FUSED:
             raise CfgExportError("a negative condition needs the stacked layout (the fused graph holds the null "
                                  "condition inside); re-export without --fuse-guidance")
-        self.model = GuidedModel(backend, n, options, self._nulls(manifest, n, options, null_embedding), record)
+        if nulls is None:
+            nulls = self._nulls(manifest, n, options, null_embedding)
+        self.model = GuidedModel(backend, n, options, nulls, record)
 
     @staticmethod
     def _nulls(manifest: Manifest, n: int, options: GuidanceOptions, null_embedding) -> dict | None:

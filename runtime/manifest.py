@@ -26,17 +26,21 @@ MANIFEST_NAME = "manifest.json"
 METADATA_KEY = "cfg_export.manifest"
 DTYPES = ("float32", "float16", "int64", "int32")
 MAX_SAMPLE_ELEMENTS = 1 << 28  # values in one sample: refuses shapes no device holds
-MANIFEST_KEYS = ("format", "model_file", "layout", "batch", "inputs", "outputs", "condition", "prediction", "schedule",
-                 "sample_shape", "timestep_dtype", "precision", "opset", "producer", "engine", "model_sha256",
-                 "activation_bytes_per_row")
+STAGE_MANIFEST_KEYS = ("format", "model_file", "layout", "batch", "inputs", "outputs", "precision", "opset",
+                       "producer", "engine", "model_sha256", "data_file", "data_sha256", "activation_bytes_per_row",
+                       "stage")
+MANIFEST_KEYS = STAGE_MANIFEST_KEYS + ("condition", "conditions", "prediction", "schedule", "sample_shape",
+                                       "timestep_dtype")
 
 
 class Layout(enum.Enum):
     """stacked: one call on [cond rows; null rows], 2N rows, the mix on the host.
-    fused: N rows and w as inputs; stacking, null condition and mix inside the graph."""
+    fused: N rows and w as inputs; stacking, null condition and mix inside the graph.
+    plain: a pipeline stage outside guidance (a VAE decoder): N rows, one per image."""
 
     STACKED = "stacked"
     FUSED = "fused"
+    PLAIN = "plain"
 
 
 class Prediction(enum.Enum):
@@ -47,24 +51,40 @@ class Prediction(enum.Enum):
 
 class ConditionKind(enum.Enum):
     CLASS = "class"  # int64 labels [B]; null = an extra class index
-    EMBEDDING = "embedding"  # float32 [B, L, D]; null = an embedding stored beside the model
+    EMBEDDING = "embedding"  # float32 [B, *shape]; null = an embedding stored beside the model (or a rule)
 
 
-CONDITION_KEYS = ("kind", "num_classes", "null", "null_file", "shape")
+class NullRule(enum.Enum):
+    """Where the null rows of an embedding condition come from."""
+
+    FILE = "file"  # the values in null_file (Stable Diffusion: the empty prompt's encoding)
+    ZEROS = "zeros"  # zeros (SDXL's force_zeros_for_empty_prompt)
+    COPY = "copy"  # the image's own conditional row (SDXL's time_ids: the same sizes in both halves)
+
+
+DEFAULT_CONDITION = "cond"  # the input name of a model's single condition
+
+
+CONDITION_KEYS = ("kind", "num_classes", "null", "null_file", "shape", "name", "null_rule")
 
 
 @dataclass(frozen=True)
 class Condition:
-    """What `cond` holds and what the null condition is."""
+    """What a condition input holds and what its null value is. A model has one (named
+    `cond`) or several named ones (SDXL: encoder_hidden_states, text_embeds, time_ids)."""
 
     kind: ConditionKind = ConditionKind.CLASS
     num_classes: int | None = None  # for CLASS: labels 0..num_classes-1 are real classes
     null: int | None = None  # for CLASS: the null class index
     null_file: str | None = None  # for EMBEDDING: .npy beside the model, shape `shape`
-    shape: tuple[int, ...] | None = None  # for EMBEDDING: [L, D]
+    shape: tuple[int, ...] | None = None  # for EMBEDDING: one row without the batch, [L, D] or [D]
+    name: str = DEFAULT_CONDITION  # the graph input that takes it
+    null_rule: NullRule | None = None  # for EMBEDDING: file (default when null_file is set), zeros or copy
 
     def __post_init__(self):
         object.__setattr__(self, "kind", parse_enum(ConditionKind, self.kind, "condition kind"))
+        if self.null_rule is not None:
+            object.__setattr__(self, "null_rule", parse_enum(NullRule, self.null_rule, "condition null_rule"))
         if self.kind is ConditionKind.CLASS:
             if self.num_classes is None or self.null is None:
                 raise CfgExportError("condition kind 'class' needs 'num_classes' and 'null' (the null class index)")
@@ -84,6 +104,9 @@ class Condition:
                 object.__setattr__(self, "shape", tuple(expect_int(s, "condition shape", lo=1) for s in shape))
             if self.null_file is not None:
                 expect_file_name(self.null_file, "condition null_file")
+        expect_str(self.name, "condition name")
+        if self.null_rule is NullRule.FILE and self.null_file is None:
+            raise CfgExportError(f"condition {self.name!r}: null_rule 'file' needs a null_file")
 
     @classmethod
     def from_dict(cls, d) -> "Condition":
@@ -91,11 +114,22 @@ class Condition:
         refuse_unknown(d, CONDITION_KEYS, "condition")
         return cls(**d)
 
+    @property
+    def rule(self) -> NullRule | None:
+        """The null rule of an embedding condition (file when only null_file is given)."""
+        if self.null_rule is not None:
+            return self.null_rule
+        return NullRule.FILE if self.null_file is not None else None
+
     def to_dict(self) -> dict:
         d = {"kind": self.kind.value}
+        if self.name != DEFAULT_CONDITION:
+            d = {"name": self.name, **d}
         for name in ("num_classes", "null", "null_file"):
             if getattr(self, name) is not None:
                 d[name] = getattr(self, name)
+        if self.null_rule is not None:
+            d["null_rule"] = self.null_rule.value
         if self.shape is not None:
             d["shape"] = list(self.shape)
         return d
@@ -110,6 +144,12 @@ class ModelFacts:
     schedule: NoiseSchedule
     sample_shape: tuple[int, ...]  # one sample, without the batch: [C, H, W], [C, L], [L, D], ...
     timestep_dtype: str = "int64"
+    extra_conditions: tuple[Condition, ...] = ()  # further named condition inputs, after `condition`
+
+    @property
+    def conditions(self) -> tuple[Condition, ...]:
+        """Every condition input, in the graph's input order."""
+        return (self.condition, *self.extra_conditions)
 
     def __post_init__(self):
         if not isinstance(self.prediction, Prediction):
@@ -124,24 +164,41 @@ class ModelFacts:
                                  f"at most {MAX_SAMPLE_ELEMENTS}")
         object.__setattr__(self, "sample_shape", shape)
         expect_str(self.timestep_dtype, "timestep_dtype", ("int64", "float32"))
+        names = [c.name for c in self.conditions]
+        if len(set(names)) != len(names) or {"sample", "timestep", "w"} & set(names):
+            raise CfgExportError(f"condition names: got {names}, expected distinct names other than sample, "
+                                 f"timestep, w")
 
     @classmethod
     def from_dict(cls, d: dict, what: str = "guidance facts") -> "ModelFacts":
         """Returns the facts of a config's "guidance" block (or a manifest's); raises
-        CfgExportError naming a missing key or a value of the wrong type or range."""
+        CfgExportError naming a missing key or a value of the wrong type or range. One
+        condition is given as "condition", several named ones as the list "conditions"."""
         d = expect_dict(d, what)
-        require_keys(d, ("condition", "prediction", "schedule", "sample_shape"), what)
+        require_keys(d, ("prediction", "schedule", "sample_shape"), what)
+        if "conditions" in d:
+            conditions = [Condition.from_dict(c) for c in expect_list(d["conditions"], f"{what} conditions")]
+            if not conditions:
+                raise CfgExportError(f"{what}: 'conditions' is empty, expected at least one condition")
+        else:
+            require_keys(d, ("condition",), what)
+            conditions = [Condition.from_dict(d["condition"])]
         return cls(
-            condition=Condition.from_dict(d["condition"]),
+            condition=conditions[0],
             prediction=d["prediction"],
             schedule=NoiseSchedule.from_dict(d["schedule"]),
             sample_shape=d["sample_shape"],
             timestep_dtype=d.get("timestep_dtype", "int64"),
+            extra_conditions=tuple(conditions[1:]),
         )
 
     def to_dict(self) -> dict:
+        if self.extra_conditions or self.condition.name != DEFAULT_CONDITION:
+            conditions = {"conditions": [c.to_dict() for c in self.conditions]}
+        else:
+            conditions = {"condition": self.condition.to_dict()}
         return {
-            "condition": self.condition.to_dict(),
+            **conditions,
             "prediction": self.prediction.value,
             "schedule": self.schedule.to_dict(),
             "sample_shape": list(self.sample_shape),
@@ -174,9 +231,10 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Manifest:
-    """Everything the runtime needs to know about one model file of an artifact."""
+    """Everything the runtime needs to know about one model file of an artifact. `facts`
+    are a denoiser's ModelFacts, or a pipeline stage's (runtime.stage_facts)."""
 
-    facts: ModelFacts
+    facts: ModelFacts  # or TextEncoderFacts, VaeDecoderFacts
     layout: Layout
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
@@ -187,14 +245,20 @@ class Manifest:
     opset: int | None = None
     producer: dict = field(default_factory=dict)
     engine: dict | None = None  # TensorRT facts, for engine manifests
+    data_file: str | None = None  # ONNX external data beside the model (models over 2 GB)
+    data_sha256: str = ""
     activation_bytes_per_row: int | None = None  # peak activation memory per batch row, estimated at export
 
     def __post_init__(self):
         object.__setattr__(self, "layout", parse_enum(Layout, self.layout, "layout"))
 
     @property
+    def is_denoiser(self) -> bool:
+        return isinstance(self.facts, ModelFacts)
+
+    @property
     def rows_per_image(self) -> int:
-        """Rows the graph computes per image: 2 for stacked, 1 for fused."""
+        """Rows the graph computes per image: 2 for stacked, 1 for fused and plain."""
         return 2 if self.layout is Layout.STACKED else 1
 
     def input(self, name: str) -> TensorSpec:
@@ -218,10 +282,14 @@ class Manifest:
         }
         if self.engine is not None:
             d["engine"] = self.engine
+        if self.data_file is not None:
+            d["data_file"] = self.data_file
         if self.activation_bytes_per_row is not None:
             d["activation_bytes_per_row"] = self.activation_bytes_per_row
         if with_sha:
             d["model_sha256"] = self.model_sha256
+            if self.data_file is not None:
+                d["data_sha256"] = self.data_sha256
         return d
 
     @classmethod
@@ -231,35 +299,48 @@ class Manifest:
         d = expect_dict(d, "manifest")
         if d.get("format") != FORMAT:
             raise CfgExportError(f"manifest format: got {d.get('format')!r}, expected {FORMAT!r}")
-        refuse_unknown(d, MANIFEST_KEYS, "manifest")
+        if d.get("stage", "denoiser") == "denoiser":
+            refuse_unknown(d, MANIFEST_KEYS, "manifest")
+            facts = ModelFacts.from_dict(d, "manifest")
+        else:
+            from .stage_facts import read_stage_facts
+
+            refuse_unknown(d, STAGE_MANIFEST_KEYS + (str(d.get("stage")),), "manifest")
+            facts = read_stage_facts(d)
         require_keys(d, ("layout", "inputs", "outputs", "model_file"), "manifest")
         if not isinstance(d["layout"], Layout):
             expect_str(d["layout"], "manifest layout")
         batch, opset = d.get("batch"), d.get("opset")
-        sha = expect_str(d.get("model_sha256", ""), "manifest model_sha256")
-        if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
-            raise CfgExportError(f"manifest model_sha256: got {sha[:20]!r}..., expected 64 hex digits")
-        engine = d.get("engine")
+        shas = {}
+        for key in ("model_sha256", "data_sha256"):
+            sha = expect_str(d.get(key, ""), f"manifest {key}")
+            if sha and (len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha)):
+                raise CfgExportError(f"manifest {key}: got {sha[:20]!r}..., expected 64 hex digits")
+            shas[key] = sha
+        engine, data_file = d.get("engine"), d.get("data_file")
         return cls(
-            facts=ModelFacts.from_dict(d, "manifest"),
+            facts=facts,
             layout=d["layout"],
             inputs=tuple(TensorSpec.from_dict(s, "manifest input") for s in expect_list(d["inputs"], "manifest inputs")),
             outputs=tuple(TensorSpec.from_dict(s, "manifest output")
                           for s in expect_list(d["outputs"], "manifest outputs")),
             model_file=expect_file_name(d["model_file"], "manifest model_file"),
-            model_sha256=sha,
+            model_sha256=shas["model_sha256"],
             precision=expect_str(d.get("precision", "fp32"), "manifest precision"),
             batch=None if batch is None else expect_int(batch, "manifest batch", lo=1),
             opset=None if opset is None else expect_int(opset, "manifest opset", lo=1),
             producer=expect_dict(d.get("producer", {}), "manifest producer"),
             engine=None if engine is None else expect_dict(engine, "manifest engine"),
+            data_file=None if data_file is None else expect_file_name(data_file, "manifest data_file"),
+            data_sha256=shas["data_sha256"],
             activation_bytes_per_row=None if d.get("activation_bytes_per_row") is None else expect_int(
                 d["activation_bytes_per_row"], "manifest activation_bytes_per_row", lo=0),
         )
 
     def with_sha(self, directory: str | Path) -> "Manifest":
-        """Returns a copy whose model_sha256 is that of the model file in `directory`."""
-        return replace(self, model_sha256=sha256_file(Path(directory) / self.model_file))
+        """Returns a copy whose model_sha256 (and data_sha256) are those of the files in `directory`."""
+        data = sha256_file(Path(directory) / self.data_file) if self.data_file else ""
+        return replace(self, model_sha256=sha256_file(Path(directory) / self.model_file), data_sha256=data)
 
     def write(self, directory: str | Path, name: str = MANIFEST_NAME) -> Path:
         """Writes the manifest as JSON into `directory` (whole or not at all); returns its path."""

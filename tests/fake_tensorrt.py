@@ -248,7 +248,14 @@ class ExecutionContext:
 
     def get_tensor_shape(self, name):
         rows = next(iter(self.shapes.values()))[0]
-        return (rows, *self.engine.static_output_dims[name])
+        dims = self.engine.static_output_dims[name]
+        if all(dims):
+            return (rows, *dims)
+        # named sizes besides the batch (a pipeline stage's spatial sizes): run the model on zeros
+        feeds = {spec.name: np.zeros(self.shapes[spec.name], self.engine.dtypes[spec.name])
+                 for spec in self.engine.session.get_inputs()}
+        names = [o.name for o in self.engine.session.get_outputs()]
+        return tuple(dict(zip(names, self.engine.session.run(None, feeds)))[name].shape)
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr

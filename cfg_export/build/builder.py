@@ -163,7 +163,8 @@ def _save_timing_cache(config, path: Path) -> None:
 
 
 def build_engine(artifact: "Artifact | str | Path", out_dir: str | Path | None = None,
-                 options: EngineOptions | None = None) -> EngineResult:
+                 options: EngineOptions | None = None, stage: str = "denoiser",
+                 sizes: dict[str, tuple[int, int, int]] | None = None) -> EngineResult:
     """Returns what was built: `model.engine` and `engine.json` in out_dir (default: the
     artifact folder), from the artifact's model.onnx (or the Q/DQ model of options.int8_onnx).
 
@@ -176,7 +177,7 @@ def build_engine(artifact: "Artifact | str | Path", out_dir: str | Path | None =
     from cfg_export.runtime.backends.device_memory import open_cuda
 
     start = time.perf_counter()
-    plan = plan_engine(artifact, out_dir, trt.__version__, options)
+    plan = plan_engine(artifact, out_dir, trt.__version__, options, stage, sizes)
     cuda = open_cuda()
     try:
         device = cuda.device_info()
@@ -209,7 +210,7 @@ def build_engine(artifact: "Artifact | str | Path", out_dir: str | Path | None =
     finally:
         cuda.close()
     result.manifest = _engine_manifest(plan, trt.__version__, device, source, result).with_sha(plan.out_dir)
-    null_file = plan.manifest.facts.condition.null_file
+    null_file = plan.manifest.facts.condition.null_file if plan.manifest.is_denoiser else None
     if null_file and plan.out_dir != plan.directory:
         shutil.copyfile(plan.directory / null_file, plan.out_dir / null_file)
     result.manifest.write(plan.out_dir, ENGINE_MANIFEST)
@@ -255,14 +256,15 @@ class TrtexecResult:
 
 
 def prepare_trtexec(artifact: "Artifact | str | Path", out_dir: str | Path | None = None,
-                    trt_version: str | None = None, options: EngineOptions | None = None) -> TrtexecResult:
+                    trt_version: str | None = None, options: EngineOptions | None = None, stage: str = "denoiser",
+                    sizes: dict[str, tuple[int, int, int]] | None = None) -> TrtexecResult:
     """Returns the trtexec command that builds what build_engine would, for TensorRT
     `trt_version` (default: the installed one, else 10). Needs no TensorRT; on the typed
     FP16 route it writes the FP16-typed ONNX the command reads (model.fp16.onnx)."""
     from cfg_export.build.plan import trtexec_command
 
     version = trt_version or installed_trt_version()
-    plan = plan_engine(artifact, out_dir, version, options)
+    plan = plan_engine(artifact, out_dir, version, options, stage, sizes)
     result = TrtexecResult(plan, trtexec_command(plan), assumed=version is None)  # refusals before any write
     if plan.fp16_onnx_path is not None:
         from cfg_export.build.fp16 import write_fp16_model

@@ -97,14 +97,16 @@ def has_qdq_nodes(path: Path) -> bool:
 
 
 def plan_engine(artifact: "Artifact | str | Path", out_dir: str | Path | None = None,
-                trt_version: str | TrtVersion | None = None, options: EngineOptions | None = None) -> EnginePlan:
-    """Returns the plan for building an engine of the artifact (an Artifact or its folder)
-    with TensorRT `trt_version` (default 10), or raises CfgExportError for options that
-    version cannot build."""
+                trt_version: str | TrtVersion | None = None, options: EngineOptions | None = None,
+                stage: str = "denoiser", sizes: dict[str, tuple[int, int, int]] | None = None) -> EnginePlan:
+    """Returns the plan for building an engine of the artifact's stage (an Artifact or its
+    folder) with TensorRT `trt_version` (default 10), or raises CfgExportError for options
+    that version cannot build. `sizes`: the (min, opt, max) of a pipeline stage's named
+    spatial sizes ('H', 'W' in latents)."""
     options = options or EngineOptions()
     artifact = as_artifact(artifact)
-    directory = artifact.directory
-    manifest = artifact.model_file(engine=False).manifest
+    directory = artifact.stage(stage).directory
+    manifest = artifact.model_file(stage, engine=False).manifest
     version = TrtVersion.parse(trt_version or DEFAULT_TRT_VERSION)
     int8_onnx = Path(options.int8_onnx) if options.int8_onnx else None
     if int8_onnx is not None and not int8_onnx.is_file():
@@ -139,7 +141,7 @@ def plan_engine(artifact: "Artifact | str | Path", out_dir: str | Path | None = 
     if options.keep_fp32 is not None and not options.fp16:
         raise CfgExportError("--keep-fp32 applies to FP16 builds: add --fp16, or drop --keep-fp32")
     profiles = make_profiles(manifest, options.min_batch, options.opt_batch, options.max_batch,
-                             options.interval_profile)
+                             options.interval_profile, sizes)
     plan = EnginePlan(directory=directory, out_dir=Path(out_dir) if out_dir is not None else directory,
                       manifest=manifest, options=options, route=route, profiles=profiles,
                       onnx_path=int8_onnx or directory / manifest.model_file,

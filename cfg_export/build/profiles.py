@@ -7,16 +7,21 @@ from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.manifest import Layout, Manifest
 
 
-def _profile(manifest: Manifest, rows: tuple[int, int, int]) -> Profile:
-    return Profile(rows, {spec.name: tuple(input_shape(spec, r) for r in rows) for spec in manifest.inputs})
+def _profile(manifest: Manifest, rows: tuple[int, int, int], sizes: dict | None = None) -> Profile:
+    sizes = sizes or {}
+    return Profile(rows, {spec.name: tuple(input_shape(spec, r, {k: v[i] for k, v in sizes.items()})
+                                           for i, r in enumerate(rows)) for spec in manifest.inputs})
 
 
 def make_profiles(manifest: Manifest, min_batch: int | None = None, opt_batch: int | None = None,
-                  max_batch: int | None = None, interval: bool = False) -> list[Profile]:
+                  max_batch: int | None = None, interval: bool = False,
+                  sizes: dict[str, tuple[int, int, int]] | None = None) -> list[Profile]:
     """Returns the optimization profiles for images N in [min, opt, max]: rows 2N for the
-    stacked layout, N for the fused one, and with `interval` a second profile of N rows for
-    the unguided steps of a guidance interval. A static graph (exported with --batch) has
-    fixed shapes and needs none: it returns [] and refuses batch options."""
+    stacked layout, N for the fused and plain ones, and with `interval` a second profile of
+    N rows for the unguided steps of a guidance interval. `sizes` gives the (min, opt, max)
+    of other named sizes (a pipeline stage's 'H', 'W' in latents). A static graph
+    (exported with --batch) has fixed shapes and needs none: it returns [] and refuses
+    batch options."""
     if manifest.batch is not None:
         given = [f for f, v in (("--min-batch", min_batch), ("--opt-batch", opt_batch),
                                 ("--max-batch", max_batch)) if v is not None]
@@ -27,12 +32,12 @@ def make_profiles(manifest: Manifest, min_batch: int | None = None, opt_batch: i
         return []
     images = resolve_batches(min_batch, opt_batch, max_batch)
     k = manifest.rows_per_image
-    profiles = [_profile(manifest, tuple(k * n for n in images))]
+    profiles = [_profile(manifest, tuple(k * n for n in images), sizes)]
     if interval:
         if manifest.layout is not Layout.STACKED:
             raise CfgExportError("--interval-profile: the fused layout runs N rows at every step already; "
                                  "drop it, or export the stacked layout")
-        profiles.append(_profile(manifest, images))
+        profiles.append(_profile(manifest, images, sizes))
     return profiles
 
 

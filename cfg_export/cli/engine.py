@@ -55,6 +55,12 @@ def trt_command(directory, out_dir, print_trtexec, trt_version, no_gpu_fallback,
 
     engine_options = EngineOptions(keep_fp32=keep_fp32 or None, gpu_fallback=False if no_gpu_fallback else None,
                                    **options)
+    from cfg_export.runtime.artifact import Artifact
+
+    artifact = Artifact.open(directory)
+    if artifact.is_pipeline:
+        _pipeline_engines(artifact, out_dir, print_trtexec, trt_version, engine_options)
+        return
     if print_trtexec:
         result = prepare_trtexec(directory, out_dir, trt_version, engine_options)
         if result.fp16 is not None:
@@ -74,3 +80,30 @@ def trt_command(directory, out_dir, print_trtexec, trt_version, no_gpu_fallback,
     say(f"wrote {plan.engine_path} and {plan.manifest_path.name} ({plan.route.name}, TensorRT {engine['tensorrt']} "
         f"on {engine['gpu']}, compute capability {engine['compute_capability']}, rows {rows}) "
         f"in {result.seconds:.1f} s")
+
+
+def _pipeline_engines(artifact, out_dir, print_trtexec, trt_version, engine_options) -> None:
+    """`trt` on a pipeline artifact: one engine per stage (or one trtexec line per stage)."""
+    from cfg_export.build.pipeline_engines import build_pipeline_engines, prepare_pipeline_trtexec
+    from cfg_export.build.plan import format_command
+
+    if out_dir is not None:
+        raise CfgExportError("-o: a pipeline's engines are written in their stage folders; drop -o")
+    if print_trtexec:
+        for stage, result, note in prepare_pipeline_trtexec(artifact, trt_version, engine_options):
+            if note:
+                click.echo(f"# {note}")
+            if result.fp16 is not None:
+                click.echo(f"# wrote {result.plan.fp16_onnx_path} ({len(result.fp16.kept)} nodes kept in FP32)")
+            click.echo(f"# {stage}: TensorRT {result.plan.route.version}: {result.plan.route.name}")
+            click.echo(format_command(result.argv))
+        return
+    if trt_version is not None:
+        raise CfgExportError(f"--trt-version {trt_version}: applies to --print-trtexec; a build uses the "
+                             f"installed TensorRT")
+    for result in build_pipeline_engines(artifact, engine_options):
+        for note in result.notes:
+            say(f"note: {note}")
+        plan = result.plan
+        rows = ", ".join(f"{p.rows[0]}..{p.rows[2]} (opt {p.rows[1]})" for p in plan.profiles) or "static"
+        say(f"wrote {plan.engine_path} ({plan.route.name}, rows {rows}) in {result.seconds:.1f} s")

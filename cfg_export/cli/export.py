@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from cfg_export.runtime.cli import CONTEXT, Command, say, verbosity_options
+from cfg_export.runtime.errors import CfgExportError
 
 
 @click.command("onnx", cls=Command, context_settings=CONTEXT)
@@ -24,9 +25,13 @@ from cfg_export.runtime.cli import CONTEXT, Command, say, verbosity_options
 @click.option("--null-embedding", metavar="FILE.npy", default=None,
               help="diffusers UNet2DConditionModel: the null condition [L, D] (for Stable Diffusion, the empty "
                    "prompt's encoding); stored in the artifact.")
+@click.option("--min-size", default=None, metavar="PX|HxW",
+              help="Pipeline folder: the smallest image size the UNet graphs take (default half the model's size).")
+@click.option("--max-size", default=None, metavar="PX|HxW",
+              help="Pipeline folder: the largest image size (default twice the model's size).")
 @verbosity_options
 def onnx_command(model, out_dir, fuse_guidance, batch, opset, no_check, tolerance, overwrite, null_class,
-                 null_embedding):
+                 null_embedding, min_size, max_size):
     """Export MODEL (a model folder with config.json, a folder saved by diffusers'
     save_pretrained, or 'module:factory') to ONNX.
 
@@ -41,6 +46,14 @@ def onnx_command(model, out_dir, fuse_guidance, batch, opset, no_check, toleranc
     passes together: sample [2N, ...], timestep [2N], cond [2N] -> eps [2N, ...],
     first N rows conditional, last N null.
     """
+    from cfg_export.export.pipelines import is_pipeline_folder
+
+    if is_pipeline_folder(model):
+        _export_pipeline(model, out_dir, fuse_guidance, batch, opset, no_check, tolerance, overwrite, null_class,
+                         null_embedding, min_size, max_size)
+        return
+    if min_size is not None or max_size is not None:
+        raise CfgExportError("--min-size/--max-size: apply to diffusers pipeline folders (with model_index.json)")
     from cfg_export.export.exporter import export_onnx
 
     result = export_onnx(model, out_dir, layout="fused" if fuse_guidance else None, batch=batch,
@@ -55,3 +68,40 @@ def onnx_command(model, out_dir, fuse_guidance, batch, opset, no_check, toleranc
     say(f"wrote {result.directory / m.model_file} and manifest.json ({m.layout.value} layout, "
         f"opset {m.opset}, {'batch N=' + str(m.batch) if m.batch else 'dynamic batch'}) "
         f"in {result.seconds:.1f} s")
+
+
+def parse_size(text: str | None, flag: str):
+    """Returns pixels from '512' or '512x768' (height x width), None when not given."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v < 1 for v in values):
+        raise CfgExportError(f"{flag}: got {text!r}, expected pixels like 512 or 512x768 (height x width)")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _export_pipeline(model, out_dir, fuse_guidance, batch, opset, no_check, tolerance, overwrite, null_class,
+                     null_embedding, min_size, max_size) -> None:
+    """`onnx` on a diffusers pipeline folder: one stage per model."""
+    from cfg_export.export.pipelines import export_pipeline
+
+    for flag, value in (("--fuse-guidance", fuse_guidance), ("--batch", batch), ("--null-class", null_class),
+                        ("--null-embedding", null_embedding)):
+        if value not in (None, False):
+            raise CfgExportError(f"{flag}: not an option of a pipeline export (the pipeline states its null "
+                                 f"conditions; the denoiser is stacked with a dynamic batch)")
+    result = export_pipeline(model, out_dir, min_size=parse_size(min_size, "--min-size"),
+                             max_size=parse_size(max_size, "--max-size"), opset=opset, check=not no_check,
+                             tolerance=tolerance, overwrite=overwrite)
+    for note in result.notes:
+        say(f"note: {note}")
+    for c in result.checks:
+        say(f"check {c.stage} {c.what}: ONNX Runtime vs PyTorch max abs error {c.max_abs:.3e}, "
+            f"max relative error {c.max_rel:.3e}")
+    for stage, what in result.stages.items():
+        seconds = result.stage_seconds.get(stage)
+        say(f"stage {stage}: {what}" + (f" in {seconds:.1f} s" if seconds is not None else ""))
+    say(f"wrote {result.directory} ({result.pipeline}, {len(result.stages)} stages) in {result.seconds:.1f} s")

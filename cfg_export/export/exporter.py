@@ -146,6 +146,17 @@ def _write_metadata(path: Path, manifest: Manifest) -> None:
     onnx.save(model, str(path))
 
 
+def check_tolerance(tolerance) -> float:
+    """Returns the self-check's tolerance (default DEFAULT_TOLERANCE); refuses what is not a
+    positive finite number (NaN would accept anything)."""
+    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
+            math.isfinite(tolerance) and tolerance > 0):
+        raise CfgExportError(f"--tolerance: got {tolerance!r}, expected a positive finite number (default "
+                             f"{DEFAULT_TOLERANCE:g})")
+    return float(tolerance)
+
+
 def check_export(wrapper, manifest: Manifest, path: Path, batches=CHECK_BATCHES) -> list[CheckResult]:
     """Returns the errors of ONNX Runtime (CPU) against PyTorch on random inputs at each
     batch size, after onnx.checker has passed."""
@@ -193,12 +204,7 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
     """
     layout = parse_enum(Layout, layout or Layout.STACKED, "layout")
     opset = DEFAULT_OPSET if opset is None else expect_int(opset, "--opset", lo=7)
-    tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (
-            math.isfinite(tolerance) and tolerance > 0):
-        raise CfgExportError(f"--tolerance: got {tolerance!r}, expected a positive finite number (default "
-                             f"{DEFAULT_TOLERANCE:g})")
-    tolerance = float(tolerance)
+    tolerance = check_tolerance(tolerance)
     if batch is not None:
         expect_int(batch, "--batch", lo=1)
     check_export_target(model, out_dir, overwrite)

@@ -18,7 +18,7 @@ import numpy as np
 
 from .base import Backend, describe_differences
 from .device_memory import DeviceBuffer, open_cuda
-from ..engine import engine_profiles, input_shape, pick_profile
+from ..engine import engine_profiles, input_shape, named_sizes, pick_profile
 from ..errors import CfgExportError, require
 from ..manifest import Manifest, TensorSpec
 from ..trt_versions import INT64_IO_SINCE, DeviceInfo, TrtVersion, check_engine
@@ -51,8 +51,13 @@ class _Slot:
     rows: int
     context: object
     profile: int
+    sizes: dict = field(default_factory=dict)  # named sizes other than the batch ('H', 'W' of a pipeline stage)
     buffers: dict[str, DeviceBuffer] = field(default_factory=dict)
     graph: object = None  # executable CUDA graph of the enqueue, while the context holds these shapes
+
+
+def _key(rows: int, sizes: dict) -> tuple:
+    return (rows, *sorted(sizes.items()))
 
 
 class TensorRTBackend(Backend):
@@ -70,8 +75,8 @@ class TensorRTBackend(Backend):
         self.profiles = engine_profiles(manifest)
         self._cuda = self._stream = self._engine = self._runtime = None
         self._contexts: dict[int, object] = {}  # profile -> execution context
-        self._slots: dict[int, _Slot] = {}  # rows -> slot
-        self._active: dict[int, int] = {}  # profile -> rows whose shapes and addresses its context holds
+        self._slots: dict[tuple, _Slot] = {}  # (rows, named sizes) -> slot
+        self._active: dict[int, tuple] = {}  # profile -> the slot key whose shapes and addresses its context holds
         self._dtypes: dict[str, np.dtype] = {}
 
     def activate(self) -> None:
@@ -174,30 +179,34 @@ class TensorRTBackend(Backend):
         """Puts the slot's input shapes and tensor addresses on its profile's context. Graphs
         captured for other shapes on that context are dropped: they recorded its old state."""
         for spec in self.manifest.inputs:
-            if not slot.context.set_input_shape(spec.name, input_shape(spec, slot.rows)):
-                raise CfgExportError(f"engine rejects input {spec.name!r} of shape {input_shape(spec, slot.rows)}; "
-                                     f"rebuild it with profiles that cover {slot.rows} rows")
+            shape = input_shape(spec, slot.rows, slot.sizes)
+            if not slot.context.set_input_shape(spec.name, shape):
+                raise CfgExportError(f"engine rejects input {spec.name!r} of shape {shape}; rebuild it with profiles "
+                                     f"that cover {slot.rows} rows{' and sizes ' + str(slot.sizes) if slot.sizes else ''}")
         for name, buffer in slot.buffers.items():
             slot.context.set_tensor_address(name, buffer.ptr)
         for other in self._slots.values():
             if other.profile == slot.profile and other is not slot and other.graph is not None:
                 self._cuda.destroy_graph(other.graph)
                 other.graph = None
-        self._active[slot.profile] = slot.rows
+        self._active[slot.profile] = _key(slot.rows, slot.sizes)
 
-    def _slot(self, rows: int) -> _Slot:
-        if rows in self._slots:
-            return self._slots[rows]
+    def _slot(self, rows: int, sizes: dict | None = None) -> _Slot:
+        sizes = sizes or {}
+        key = _key(rows, sizes)
+        if key in self._slots:
+            return self._slots[key]
         profile = pick_profile(self.profiles, rows) if self.profiles else 0
-        slot = _Slot(rows, self._context_for(profile), profile)
+        slot = _Slot(rows, self._context_for(profile), profile, sizes)
         for spec in self.manifest.inputs:
-            slot.buffers[spec.name] = DeviceBuffer(self._cuda, input_shape(spec, rows), self._dtypes[spec.name])
-            slot.context.set_input_shape(spec.name, input_shape(spec, rows))
+            shape = input_shape(spec, rows, sizes)
+            slot.buffers[spec.name] = DeviceBuffer(self._cuda, shape, self._dtypes[spec.name])
+            slot.context.set_input_shape(spec.name, shape)
         self._active.pop(profile, None)  # the context's shapes changed: bind before the next run
         for spec in self.manifest.outputs:
             shape = tuple(slot.context.get_tensor_shape(spec.name))
             slot.buffers[spec.name] = DeviceBuffer(self._cuda, shape, self._dtypes[spec.name])
-        self._slots[rows] = slot
+        self._slots[key] = slot
         log.debug("tensorrt: buffers for %d rows on profile %d", rows, profile)
         return slot
 
@@ -207,8 +216,8 @@ class TensorRTBackend(Backend):
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cuda, stream = self._cuda, self._stream
-        slot = self._slot(next(iter(feeds.values())).shape[0])
-        if self._active.get(slot.profile) != slot.rows:
+        slot = self._slot(next(iter(feeds.values())).shape[0], named_sizes(self.manifest, feeds))
+        if self._active.get(slot.profile) != _key(slot.rows, slot.sizes):
             self._bind(slot)
         for name, value in feeds.items():
             buffer = slot.buffers[name]

@@ -1,0 +1,47 @@
+"""Per-stage TensorRT engines of a pipeline artifact, against the stand-in
+(tests/fake_tensorrt.py, which runs the source ONNX on ONNX Runtime): profiles per
+stage (text encoders 2N rows, denoiser 2N, VAE N, the exported spatial range), the
+FP32 VAE of force_upcast, one trtexec line per stage, and sampling through the tensorrt
+backend. Not verified on a GPU here: TensorRT itself is not installed."""
+import json
+import shutil
+
+import numpy as np
+
+from cfg_export.build.plan import EngineOptions
+from cfg_export.build.pipeline_engines import build_pipeline_engines
+from cfg_export.runtime.pipeline_sampling import sample_pipeline
+from tests.cfg_export.test_trt_fake import fake  # noqa: F401 (the fixture)
+from tests.cfg_export.pipelines.test_cli_and_errors import run_here
+
+
+def test_print_trtexec_one_line_per_stage(pipeline_artifacts):
+    proc = run_here("trt", pipeline_artifacts["sdxl"], "--fp16", "--print-trtexec", "--max-batch", "4")
+    assert proc.returncode == 0, proc.output
+    lines = [line for line in proc.output.splitlines() if line.startswith("trtexec ")]
+    assert [line.split("--onnx=")[1].split("/model.onnx")[0].rsplit("/", 1)[1] for line in lines] == \
+        ["text_encoder", "text_encoder_2", "denoiser", "vae_decoder"]
+    text, _, denoiser, vae = lines
+    assert "--minShapes=input_ids:2x16 " in text and "--maxShapes=input_ids:8x16 " in text
+    assert "--minShapes=sample:2x4x4x4," in denoiser and "--maxShapes=sample:8x4x16x16," in denoiser
+    assert "--minShapes=latents:1x4x4x4 " in vae + " " and "--fp16" not in vae and "--fp16" in denoiser
+    assert "force_upcast" in proc.output
+
+
+def test_engines_per_stage_sample_like_onnxruntime(pipeline_artifacts, fake, tmp_path):  # noqa: F811
+    fake()
+    artifact = shutil.copytree(pipeline_artifacts["sdxl"], tmp_path / "sdxl")
+    results = build_pipeline_engines(artifact, EngineOptions(fp16=True, max_batch=4))
+    assert [r.plan.engine_path.parent.name for r in results] == ["text_encoder", "text_encoder_2", "denoiser",
+                                                                  "vae_decoder"]
+    vae = json.loads((artifact / "vae_decoder" / "engine.json").read_text())
+    assert vae["precision"] == "fp32" and vae["engine"]["profiles"][0]["rows"] == [1, 4, 4]
+    denoiser = json.loads((artifact / "denoiser" / "engine.json").read_text())
+    assert denoiser["engine"]["profiles"][0]["shapes"]["sample"] == [[2, 4, 4, 4], [8, 4, 8, 8], [8, 4, 16, 16]]
+    noise = np.random.default_rng(0).standard_normal((2, 4, 6, 8)).astype(np.float32)
+    kwargs = dict(prompts=["a red car", "a cat"], negative_prompts=["blurry"], w=3.0, steps=2, noise=noise,
+                  height=12, width=16)
+    trt = sample_pipeline(artifact, backend="tensorrt", **kwargs)
+    ort = sample_pipeline(artifact, backend="onnxruntime-cpu", **kwargs)
+    assert trt.backend == "tensorrt"
+    np.testing.assert_allclose(trt.images, ort.images, atol=1e-6)
