@@ -36,6 +36,7 @@ class Prediction(enum.Enum):
     EPS = "eps"  # the noise (Ho et al. 2020)
     V = "v"  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)
     X0 = "x0"  # the clean sample
+    FLOW = "flow"  # flow-matching velocity v = eps - x0, x_s = (1 - s) x0 + s eps (Lipman et al. 2023)
 
 
 class ConditionKind(enum.Enum):
@@ -82,6 +83,8 @@ class ModelFacts:
     schedule: NoiseSchedule
     sample_shape: tuple[int, ...]  # one sample, without the batch: [C, H, W], [C, L], [L, D], ...
     timestep_dtype: str = "int64"
+    scheduler: dict | None = None  # the scheduler config the model shipped with, as diffusers saves it
+    patch_size: int | None = None  # a transformer's patch size: image tokens (H / p) (W / p), for flow shifting
 
     def __post_init__(self):
         object.__setattr__(self, "prediction", parse_enum(Prediction, self.prediction, "prediction type"))
@@ -91,6 +94,9 @@ class ModelFacts:
         object.__setattr__(self, "sample_shape", shape)
         if self.timestep_dtype not in ("int64", "float32"):
             raise CfgExportError(f"timestep_dtype: got {self.timestep_dtype!r}, expected one of int64, float32")
+        if self.scheduler is not None and not (isinstance(self.scheduler, dict) and
+                                               isinstance(self.scheduler.get("_class_name"), str)):
+            raise CfgExportError("scheduler: expected a diffusers scheduler config with its _class_name")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelFacts":
@@ -106,16 +112,23 @@ class ModelFacts:
             schedule=NoiseSchedule.from_dict(d["schedule"]),
             sample_shape=d["sample_shape"],
             timestep_dtype=d.get("timestep_dtype", "int64"),
+            scheduler=d.get("scheduler"),
+            patch_size=d.get("patch_size"),
         )
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "condition": self.condition.to_dict(),
             "prediction": self.prediction.value,
             "schedule": self.schedule.to_dict(),
             "sample_shape": list(self.sample_shape),
             "timestep_dtype": self.timestep_dtype,
         }
+        if self.scheduler is not None:
+            d["scheduler"] = self.scheduler
+        if self.patch_size is not None:
+            d["patch_size"] = self.patch_size
+        return d
 
 
 @dataclass(frozen=True)
