@@ -206,7 +206,7 @@ def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.nd
                              f"{manifest.batch} images, or re-export without --batch")
     config = scheduler_for(manifest, sampler, scheduler, spacing, options.threshold)
     if eta is not None and config.class_name != "DDIMScheduler":
-        raise CfgExportError(f"eta applies to the ddim sampler (DDIMScheduler) only, not {config.sampler} "
+        raise CfgExportError(f"eta applies to the ddim sampler only (DDIMScheduler), not {config.sampler} "
                              f"({config.class_name})")
     plan = plan_sampling(config, DEFAULT_STEPS if steps is None else steps, _image_seq_len(manifest))
     check_timesteps(plan, config, manifest)

@@ -68,7 +68,7 @@ def run_plan(plan: Plan, denoiser: Denoiser, x: np.ndarray, noise: Noise | None 
     if eta is None:
         return sample(denoiser, x, plan, noise, callback)
     if plan.scheduler != "DDIMScheduler":
-        raise CfgExportError(f"eta applies to the ddim sampler (DDIMScheduler) only, not {plan.sampler} "
+        raise CfgExportError(f"eta applies to the ddim sampler only (DDIMScheduler), not {plan.sampler} "
                              f"({plan.scheduler})")
     return sample(denoiser, x, plan, noise, callback, eta=float(eta))
 

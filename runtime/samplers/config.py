@@ -130,7 +130,8 @@ CLASSES = {c.name: c for c in [
         "use_flow_sigmas": False, "flow_shift": 1.0, "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
         "variance_type": None, "timestep_spacing": "linspace", "steps_offset": 0, "rescale_betas_zero_snr": False,
         "use_dynamic_shifting": False, "time_shift_type": "exponential"},
-        {**VP, **THRESHOLDING, **SIGMA_SCHEDULES, "solver_order": one_of(1, 2, 3),
+        {**VP, **THRESHOLDING, "use_karras_sigmas": BOOL, "use_exponential_sigmas": BOOL,
+         "solver_order": one_of(1, 2, 3),
          "algorithm_type": one_of("dpmsolver++", "sde-dpmsolver++"), "solver_type": one_of("midpoint", "heun"),
          "lower_order_final": BOOL, "euler_at_final": BOOL, "use_lu_lambdas": BOOL, "flow_shift": ANY,
          "final_sigmas_type": FINAL_SIGMAS, "lambda_min_clipped": Rule(lambda v: _number(v) or v == -math.inf,
@@ -291,7 +292,23 @@ def check_fields(config: SchedulerConfig) -> None:
               if config.fields.get(k)]
     if len(chosen) > 1:
         raise CfgExportError(f"{cls.name}: {' and '.join(chosen)} are both set; choose one sigma schedule")
-    if not config.is_flow and config.fields["trained_betas"] is not None:
+    f = config.fields
+    if cls.name in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler") and f["use_exponential_sigmas"]:
+        raise CfgExportError(f"{cls.name} use_exponential_sigmas=True: diffusers truncates these fractional "
+                             "timesteps to integers, and its first lands within float32 rounding of 999 (998 or "
+                             "999): not reproducible exactly; use use_karras_sigmas")
+    if cls.name == "DPMSolverMultistepScheduler" and f["beta_schedule"] == "squaredcos_cap_v2" and \
+            (f["use_karras_sigmas"] or f["use_lu_lambdas"]):
+        option = "use_karras_sigmas" if f["use_karras_sigmas"] else "use_lu_lambdas"
+        raise CfgExportError(f"{cls.name} {option}=True with beta_schedule='squaredcos_cap_v2': diffusers truncates "
+                             "these fractional timesteps to integers, where they can repeat and skip a step: not "
+                             "reproducible exactly; use another beta schedule or sigma schedule")
+    if cls.name == "UniPCMultistepScheduler" and f["final_sigmas_type"] == "zero" and \
+            (f["solver_type"] == "bh1" or not f["predict_x0"]):
+        setting = "solver_type='bh1'" if f["solver_type"] == "bh1" else "predict_x0=False"
+        raise CfgExportError(f"UniPCMultistepScheduler {setting} with final_sigmas_type='zero' ends in NaN in "
+                             "diffusers (its last step meets lambda = inf); set final_sigmas_type='sigma_min'")
+    if not config.is_flow and f["trained_betas"] is not None:
         config.schedule()  # checks their number
 
 
