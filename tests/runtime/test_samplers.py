@@ -12,6 +12,7 @@ what the difference is made of.
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
+from cfg_export.runtime.errors import CfgExportError  # noqa: E402
 from cfg_export.runtime.samplers import Denoiser, plan_sampling, resolve_scheduler, run_plan  # noqa: E402
 from cfg_export.runtime.samplers.config import CLASSES  # noqa: E402
 from cfg_export.runtime.schedule import NoiseSchedule  # noqa: E402
@@ -352,3 +354,125 @@ def test_trained_betas_schedule_matches_diffusers():
     ref = diffusers.DDIMScheduler(trained_betas=betas.tolist()).alphas_cumprod.numpy()
     np.testing.assert_allclose(schedule.alphas_cumprod(), ref, rtol=3e-6)
     assert NoiseSchedule.from_dict(schedule.to_dict()) == schedule
+
+
+# --- the core, and what every sampler promises ---------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_denoiser_reads_each_prediction_type(prediction):
+    """x = alpha x0 + sigma eps; v = alpha eps - sigma x0 (VP); velocity = eps - x0 (flow)."""
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((2, 3, 2, 4))
+    alpha, sigma = (0.6, 0.8) if prediction != "flow" else (0.3, 0.7)
+    x = alpha * x0 + sigma * eps
+    out = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "flow": eps - x0}[prediction]
+    got_x0, got_eps = Denoiser(None, None, prediction).split(out, x, alpha, sigma)
+    np.testing.assert_allclose(got_x0, x0, atol=1e-12)
+    np.testing.assert_allclose(got_eps, eps, atol=1e-12)
+
+
+def test_dynamic_threshold_matches_diffusers():
+    from cfg_export.runtime.samplers.core import dynamic_threshold
+
+    x0 = np.random.default_rng(1).standard_normal((3, 4, 5, 5)) * np.array([0.3, 2.0, 6.0])[:, None, None, None]
+    ref = diffusers.DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=4.0)
+    np.testing.assert_allclose(dynamic_threshold(x0, 0.9, 4.0), ref._threshold_sample(torch.from_numpy(x0)).numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_rescale_matches_diffusers():
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    from cfg_export.runtime.guidance import rescale
+
+    rng = np.random.default_rng(2)
+    guided, cond = rng.standard_normal((2, 3, 4, 6, 6)) * np.array([1.0, 3.0])[:, None, None, None, None]
+    theirs = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(cond), guidance_rescale=0.7).numpy()
+    np.testing.assert_allclose(rescale(guided, cond, 0.7), theirs, rtol=1e-12)
+
+
+ANY_SAMPLER = [(s, {}) for s in ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "heun", "dpmpp-2m",
+                                 "dpmpp-2m-sde", "unipc")]
+
+
+def run_sampler(sampler, shape=SHAPE, noise=None, callback=None, model=None, steps=5):
+    resolved = resolve_scheduler(PNDM_SD15, sampler)
+    f = model or vp_model("epsilon", resolved.schedule().alphas_cumprod())
+    x_T = np.random.default_rng(0).standard_normal(shape)
+    plan = plan_sampling(resolved, steps)
+    out = run_plan(plan, Denoiser(lambda x, t, c, sigma: f(x, t), None, "eps"), x_T, noise, callback)
+    return out, plan
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 16), (2, 5, 4), (3, 7)], ids=["N,C,L", "N,L,D", "N,D"])
+@pytest.mark.parametrize("sampler", [s for s, _ in ANY_SAMPLER])
+def test_output_is_float32_of_x_shape(sampler, shape):
+    out, _ = run_sampler(sampler, shape, np.random.default_rng(0))
+    assert out.dtype == np.float32 and out.shape == shape and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("sampler", [s for s, _ in ANY_SAMPLER])
+def test_callback_sees_every_model_call(sampler):
+    seen = []
+    out, plan = run_sampler(sampler, noise=np.random.default_rng(0), callback=lambda i, t, x: seen.append((i, t, x)))
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(plan.timesteps.tolist()))
+    assert all(x.dtype == np.float32 and x.shape == SHAPE for _, _, x in seen)
+    np.testing.assert_array_equal(seen[-1][2], out)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "euler-ancestral", "dpmpp-2m-sde"])
+def test_seed_decides_the_noise(sampler):
+    def run(seed):
+        return run_sampler(sampler, noise=np.random.default_rng(seed))[0]
+
+    np.testing.assert_array_equal(run(7), run(7))
+    assert np.abs(run(7) - run(8)).max() > 1e-3
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "heun", "dpmpp-2m", "unipc"])
+def test_deterministic_samplers_draw_no_noise(sampler):
+    rng = np.random.default_rng(0)
+    before = rng.bit_generator.state
+    run_sampler(sampler, noise=rng)
+    assert rng.bit_generator.state == before
+    run_sampler(sampler, noise=None)  # and need no source
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("sampler", [s for s, _ in ANY_SAMPLER])
+def test_nan_or_inf_names_sampler_and_step(sampler):
+    _, plan = run_sampler(sampler, noise=np.random.default_rng(0))
+    bad_t = float(plan.timesteps[2])
+    base = vp_model("epsilon", resolve_scheduler(PNDM_SD15).schedule().alphas_cumprod())
+
+    calls = []
+
+    def exploding(x, t):
+        calls.append(t)
+        return np.full_like(x, np.inf) if len(calls) == 3 else base(x, t)
+
+    with pytest.raises(CfgExportError, match=re.escape(f"{sampler}: NaN or Inf in the sample at step 3/{len(plan)} "
+                                                       f"(t={bad_t:g}); try a smaller w")):
+        run_sampler(sampler, noise=np.random.default_rng(0), model=exploding)
+
+
+def test_model_output_of_the_wrong_shape():
+    with pytest.raises(CfgExportError, match=re.escape("the model returned shape (2, 1, 8, 8) at t=801, expected the "
+                                                       "sample's shape (2, 3, 8, 8)")):
+        run_sampler("ddim", model=lambda x, t: x[:, :1])
+
+
+def test_samplers_never_import_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, cfg_export.runtime.samplers; assert 'torch' not in sys.modules, 'samplers imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_ddim_eta_out_of_range(eta):
+    resolved = resolve_scheduler(PNDM_SD15, "ddim")
+    with pytest.raises(CfgExportError, match=rf"ddim: eta must be in \[0, 1\].*got {eta}"):
+        run_plan(plan_sampling(resolved, 3), Denoiser(None, None, "eps"), np.zeros(SHAPE), eta=eta)
