@@ -64,10 +64,13 @@ def flow_model():
 def artifacts(tmp_path_factory):
     from cfg_export.export.exporter import export_onnx
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and fair to shared CPUs
     root = tmp_path_factory.mktemp("sampler_artifacts")
     for name in ("v_model", "v_model_int", "flow_model"):
         export_onnx(f"tests.runtime.test_samplers_pipeline:{name}", root / name)
-    return root
+    yield root
+    torch.set_num_threads(threads)
 
 
 def diffusers_guided_loop(module, scheduler, x_T, s, steps, phi=0.0, generator=None, set_kwargs=None):
