@@ -60,6 +60,15 @@ def flow_model():
     return TinyConv(), _facts("flow", {"kind": "flow_match", "num_train_timesteps": 1000}, FLOW)
 
 
+def flow_model_dynamic():
+    """A flow-matching transformer-like model (patch size 2) whose scheduler shifts by the
+    image's token count (use_dynamic_shifting), as Flux and some SD3 variants ship."""
+    module, facts = flow_model()
+    return module, {**facts, "patch_size": 2,
+                    "scheduler": {**FLOW, "use_dynamic_shifting": True, "base_image_seq_len": 4,
+                                  "max_image_seq_len": 64, "base_shift": 0.5, "max_shift": 1.15}}
+
+
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
     from cfg_export.export.exporter import export_onnx
@@ -67,7 +76,7 @@ def artifacts(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and fair to shared CPUs
     root = tmp_path_factory.mktemp("sampler_artifacts")
-    for name in ("v_model", "v_model_int", "flow_model"):
+    for name in ("v_model", "v_model_int", "flow_model", "flow_model_dynamic"):
         export_onnx(f"tests.runtime.test_samplers_pipeline:{name}", root / name)
     yield root
     torch.set_num_threads(threads)
@@ -162,6 +171,37 @@ def test_flow_matching_model(artifacts, shift):
     ours = sample_guided(artifacts / "flow_model", LABELS, s - 1, steps=steps, noise=x_T.numpy(),
                          scheduler={"shift": shift} if shift else None)
     assert ours.sampler == "flow-euler" and relative_error(ours.samples, theirs) < TOLERANCE
+
+
+def test_flow_dynamic_shifting_by_the_image_tokens(artifacts):
+    """mu of the image's token count, (H / p) (W / p) = 9 here, as diffusers' SD3 pipeline computes it."""
+    from cfg_export.runtime.schedule import calculate_shift
+
+    x_T, s, steps = noise(3), 4.0, 5
+    module, facts = flow_model_dynamic()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(facts["scheduler"])
+    c = scheduler.config
+    mu = calculate_shift(9, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    theirs = diffusers_guided_loop(module.eval(), scheduler, x_T, s, steps, set_kwargs={"mu": mu})
+    ours = sample_guided(artifacts / "flow_model_dynamic", LABELS, s - 1, steps=steps, noise=x_T.numpy()).samples
+    assert relative_error(ours, theirs) < TOLERANCE
+    fixed = sample_guided(artifacts / "flow_model", LABELS, s - 1, steps=steps, noise=x_T.numpy()).samples
+    assert relative_error(fixed, theirs) > 1e-3
+
+
+def test_threshold_is_the_schedulers_dynamic_thresholding(artifacts):
+    """--threshold P: thresholding=True, dynamic_thresholding_ratio=P (diffusers' sample_max_value
+    caps s, 1.0 by default: --set sample_max_value=V raises it)."""
+    x_T, s, steps = noise(4), 6.0, 5
+    module, _ = v_model()
+    fields = {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5}
+    scheduler = diffusers.DDIMScheduler.from_config(EULER_V, **fields)
+    theirs = diffusers_guided_loop(module.eval(), scheduler, x_T, s, steps)
+    ours = sample_guided(artifacts / "v_model", LABELS, s - 1, steps=steps, sampler="ddim", noise=x_T.numpy(),
+                         scheduler={"sample_max_value": 1.5}, guidance=GuidanceOptions(threshold=0.9))
+    assert ours.scheduler["thresholding"] is True and relative_error(ours.samples, theirs) < TOLERANCE
+    plain = sample_guided(artifacts / "v_model", LABELS, s - 1, steps=steps, sampler="ddim", noise=x_T.numpy())
+    assert relative_error(plain.samples, theirs) > 1e-3
 
 
 @pytest.mark.parametrize("kwargs,message", [
