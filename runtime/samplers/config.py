@@ -271,7 +271,9 @@ def resolve_scheduler(config: dict, sampler: str | None = None, fields: dict | N
     resolved = {**cls.defaults, **{k: v for k, v in given.items() if k in cls.defaults}, **forced}
     for key, value in (fields or {}).items():
         if key not in cls.defaults:
-            raise CfgExportError(f"{target} has no field {key!r}; its fields: {', '.join(cls.defaults)}")
+            having = [name for name, s in SAMPLER_NAMES.items() if key in CLASSES[s.scheduler].defaults]
+            where = f" (samplers with it: {', '.join(having)})" if having else ""
+            raise CfgExportError(f"{target} has no field {key!r}{where}; its fields: {', '.join(cls.defaults)}")
         resolved[key] = value
     _normalize(target, resolved)
     hidden = {k: v for k, v in given.items() if k not in cls.defaults}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..schedule import make_timesteps
 from .config import SchedulerConfig
 from .core import Callback, Denoiser, Noise, Plan, clip_x0, draw, finish, start
-from ..schedule import make_timesteps
 
 
 def plan_ddpm(config: SchedulerConfig, steps: int, image_seq_len: int | None = None) -> Plan:

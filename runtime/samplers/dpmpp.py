@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..schedule import exponential_sigmas, karras_sigmas, sigma_to_t, solver_timesteps
 from .config import SchedulerConfig
 from .core import Callback, Denoiser, Noise, Plan, clip_x0, draw, finish, start, vp_pair
 from .euler import training_sigmas
-from ..schedule import exponential_sigmas, karras_sigmas, sigma_to_t, solver_timesteps
 
 
 def solver_plan(config: SchedulerConfig, steps: int, sampler: str) -> Plan:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..schedule import euler_timesteps, exponential_sigmas, karras_sigmas, sigma_to_t, vp_sigmas
 from .config import SchedulerConfig
 from .core import Callback, Denoiser, Noise, Plan, finish, start, vp_pair
-from ..schedule import euler_timesteps, exponential_sigmas, karras_sigmas, sigma_to_t, vp_sigmas
 
 
 def training_sigmas(config: SchedulerConfig) -> np.ndarray:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CfgExportError
+from ..schedule import calculate_shift, exponential_sigmas, karras_sigmas, shift_sigmas, time_shift
 from .config import SchedulerConfig
 from .core import Callback, Denoiser, Noise, Plan, draw, finish, start
-from ..schedule import calculate_shift, exponential_sigmas, karras_sigmas, shift_sigmas, time_shift
 
 
 def plan_flow_euler(config: SchedulerConfig, steps: int, image_seq_len: int | None = None) -> Plan:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CfgExportError
+from ..schedule import make_timesteps
 from .config import SchedulerConfig
 from .core import Callback, Denoiser, Noise, Plan, finish, start
-from ..schedule import make_timesteps
 
 
 def plan_pndm(config: SchedulerConfig, steps: int, image_seq_len: int | None = None) -> Plan:

@@ -3,8 +3,6 @@ for Fast Sampling of Diffusion Models" (NeurIPS 2023): the multistep predictor U
 (Algorithm 2) and corrector UniC-p (Algorithm 1), B(h) = h (bh1) or e^h - 1 (bh2)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .config import SchedulerConfig

@@ -6,7 +6,7 @@ import pytest
 
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.guidance import GuidanceOptions, check_w, guided_model, mix
-from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, Prediction, TensorSpec
+from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
 from cfg_export.runtime.schedule import NoiseSchedule
 from tests.runtime.fakes import RecordingBackend
 

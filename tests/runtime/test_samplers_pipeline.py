@@ -255,7 +255,8 @@ def test_cli_scheduler_options(artifacts, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--sampler", "lms"], "sampler: got 'lms', expected one of ddim, ddpm, pndm, euler"),
-    (["--sampler", "ddim", "--karras"], "DDIMScheduler has no field 'use_karras_sigmas'; its fields:"),
+    (["--sampler", "ddim", "--karras"], "DDIMScheduler has no field 'use_karras_sigmas' (samplers with it: euler, "
+                                        "heun, dpmpp-2m, dpmpp-2m-sde, unipc, flow-euler)"),
     (["--set", "final_sigmas_type"], "--set: got 'final_sigmas_type', expected FIELD=VALUE"),
     (["--set", "interpolation_type=log_linear"],
      "EulerDiscreteScheduler interpolation_type='log_linear': cfg-export's euler sampler does not reproduce it"),
@@ -271,6 +272,14 @@ def test_cli_refusals_are_one_line(artifacts, tmp_path, args, message):
     assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr, proc.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_flow_model_refuses_vp_samplers(artifacts, tmp_path):
+    proc = run_runtime(artifacts / "flow_model", "--classes", "0", "--n", 1, "--steps", 3, "--sampler", "dpmpp-2m",
+                       "--npy", tmp_path / "x.npy")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert ("Error: this model is trained with flow matching; the dpmpp-2m sampler (DPMSolverMultistepScheduler) "
+            "samples variance-preserving models only: use flow-euler") in proc.stderr
 
 
 def test_fused_graph_refuses_guidance_rescale(tiny_artifacts):

@@ -119,7 +119,8 @@ def test_default_scheduler_of_an_artifact_without_one():
     (SD15_PNDM, "dpm++", {}, "sampler: got 'dpm++', expected one of ddim, ddpm, pndm, euler, euler-ancestral, "
                             "heun, dpmpp-2m, dpmpp-2m-sde, unipc, flow-euler"),
     (SD15_PNDM, "ddim", {"use_karras_sigmas": True},
-     "DDIMScheduler has no field 'use_karras_sigmas'; its fields: num_train_timesteps, beta_start"),
+     "DDIMScheduler has no field 'use_karras_sigmas' (samplers with it: euler, heun, dpmpp-2m, dpmpp-2m-sde, "
+     "unipc, flow-euler); its fields: num_train_timesteps, beta_start"),
     (SD15_PNDM, "euler", {"interpolation_type": "log_linear"},
      "EulerDiscreteScheduler interpolation_type='log_linear': cfg-export's euler sampler does not reproduce it "
      "(expected only its default 'linear')"),
