@@ -20,6 +20,7 @@ from .manifest import ConditionKind, Layout, Manifest
 from .progress import Progress
 from .samplers import (Denoiser, Noise, Plan, SchedulerConfig, check_model, default_scheduler, plan_sampling,
                        resolve_scheduler, run_plan)
+from .samplers.config import CLASSES, SAMPLER_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ def scheduler_for(manifest: Manifest, sampler: str | None = None, fields: dict |
     if threshold is not None:
         target = resolve_scheduler(recorded, sampler, {k: v for k, v in fields.items() if k != "thresholding"})
         if "thresholding" not in target.fields:
+            having = [name for name, s in SAMPLER_NAMES.items() if "thresholding" in CLASSES[s.scheduler].defaults]
             raise CfgExportError(f"--threshold: {target.class_name} ({target.sampler}) has no dynamic thresholding; "
-                                 "the samplers with it: ddim, ddpm, dpmpp-2m, dpmpp-2m-sde, unipc")
+                                 f"the samplers with it: {', '.join(having)}")
         fields.update(thresholding=True, dynamic_thresholding_ratio=float(threshold))
     config = resolve_scheduler(recorded, sampler, fields)
     check_model(config, facts)
