@@ -16,7 +16,7 @@ import sys
 import click
 
 from .errors import CfgExportError
-from .samplers import SAMPLERS
+from .samplers import SAMPLER_CHOICES
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -160,6 +160,23 @@ def parse_list(text: str | None, kind: type, option: str, example: str):
     return values
 
 
+def parse_fields(items) -> dict:
+    """Returns the scheduler config fields of --set FIELD=VALUE options: VALUE read as JSON
+    (true, 3, 0.5, null, [0, 2]), else kept as a word (sigma_min)."""
+    import json
+
+    fields = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise CfgExportError(f"--set: got {item!r}, expected FIELD=VALUE, like final_sigmas_type=sigma_min")
+        try:
+            fields[name.strip()] = json.loads(text)
+        except ValueError:
+            fields[name.strip()] = text.strip()
+    return fields
+
+
 def backend_options(threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch):
     """Returns the runtime.backends.BackendOptions of the backend flags (None when none given)."""
     from .backends import BackendOptions
@@ -205,8 +222,18 @@ def backend_flags(f):
 @click.option("--w-schedule", type=click.Choice(["constant", "linear"]), default=None,
               help="How w varies over the steps (default constant; linear: 2w(1 - t/T)).")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default 50).")
-@click.option("--sampler", default=None, help=f"Sampler: {', '.join(SAMPLERS)} (default ddim).")
-@click.option("--spacing", default=None, help="Timestep spacing: leading (default), trailing, linspace.")
+@click.option("--sampler", default=None,
+              help=f"Sampler: {', '.join(SAMPLER_CHOICES)} (default: the scheduler the model shipped with, as its "
+                   f"manifest records it, else ddim). Switches it as diffusers' from_config does.")
+@click.option("--karras/--no-karras", default=None,
+              help="Karras et al. 2022 noise levels (the scheduler's use_karras_sigmas), e.g. DPM++ 2M Karras.")
+@click.option("--spacing", default=None,
+              help="Timestep spacing (timestep_spacing): leading, trailing, linspace, as the sampler's diffusers "
+                   "scheduler reads it.")
+@click.option("--steps-offset", type=int, default=None, help="The scheduler's steps_offset (Stable Diffusion: 1).")
+@click.option("--set", "fields", multiple=True, metavar="FIELD=VALUE",
+              help="Override one scheduler config field, by its diffusers name; VALUE is JSON or a word, e.g. "
+                   "--set final_sigmas_type=sigma_min. Repeatable.")
 @click.option("--eta", type=float, default=None, help="DDIM eta (default 0: deterministic).")
 @click.option("--classes", default=None, metavar="0,1,...",
               help="Class labels, one grid row each (default: every class of the model).")
@@ -224,7 +251,11 @@ def backend_flags(f):
               help="Guide only at noise levels sigma in [LO, HI]; other steps run only the conditional rows "
                    "(Kynkaanniemi et al. 2024).")
 @click.option("--threshold", type=float, default=None, metavar="P",
-              help="Dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Saharia et al. 2022).")
+              help="The scheduler's dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Saharia et al. "
+                   "2022), up to its sample_max_value (diffusers' default 1.0; --set sample_max_value=V).")
+@click.option("--guidance-rescale", type=float, default=None, metavar="PHI",
+              help="Rescale the guided output towards the conditional one's standard deviation, phi in [0, 1], "
+                   "e.g. 0.7 (Lin et al. 2024; diffusers' guidance_rescale).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="Pipeline artifact: a prompt, one image each (repeatable).")
 @click.option("--prompts", "prompts_file", metavar="FILE.txt", default=None,
@@ -244,9 +275,10 @@ def backend_flags(f):
               help="Raw samples [N, ...] as float32 (latents, for latent models); for a pipeline artifact the "
                    "decoded images [N, H, W, 3] in [0, 1].")
 @verbosity_options
-def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond, n, seed, noise, negative, interval,
-           threshold, prompts, prompts_file, negative_prompts, height, width, latents_out, backend, threads,
-           no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch, out, npy):
+def sample(artifact, w, w_schedule, steps, sampler, karras, spacing, steps_offset, fields, eta, classes, cond, n, seed,
+           noise, negative, interval, threshold, guidance_rescale, prompts, prompts_file, negative_prompts, height,
+           width, latents_out, backend, threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch,
+           out, npy):
     """Guided sampling from an artifact folder DIR made by `cfg-export onnx`.
 
     Class-conditional models take --classes, embedding models (text-style, e.g. a
@@ -269,9 +301,11 @@ def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond,
                                      f"--negative-prompt, --classes)")
         interval_values = parse_list(interval, float, "--interval", "0.3,5")
         guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
-                                   interval=tuple(interval_values) if interval_values else None, threshold=threshold)
-        _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w, steps, sampler, spacing, seed,
-                         noise, height, width, guidance, latents_out, out, npy,
+                                   interval=tuple(interval_values) if interval_values else None, threshold=threshold,
+                                   rescale=guidance_rescale)
+        overrides = scheduler_overrides(fields, karras, steps_offset)
+        _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w, steps, sampler, spacing,
+                         overrides, seed, noise, height, width, guidance, latents_out, out, npy,
                          backend, backend_options(threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16,
                                                   trt_max_batch))
         return
@@ -288,13 +322,16 @@ def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond,
     if negative is not None and not embedding:
         negative = parse_list(negative, int, "--negative", "3")
     guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
-                               interval=tuple(interval_values) if interval_values else None, threshold=threshold)
+                               interval=tuple(interval_values) if interval_values else None, threshold=threshold,
+                               rescale=guidance_rescale)
+    overrides = scheduler_overrides(fields, karras, steps_offset)
     with ProgressBar("sampling") as bar:
         grid = sample_grid(opened, classes=parse_list(classes, int, "--classes", "0,1,2"),
                            cond=cond, negative=negative, n=n,
                            w=parse_list(w, float, "--w", "3 or 1,2,3"), out=out, npy=npy,
                            noise=noise, guidance=guidance,
-                           steps=steps, sampler=sampler, spacing=spacing, eta=eta, seed=seed, backend=backend,
+                           steps=steps, sampler=sampler, spacing=spacing, scheduler=overrides, eta=eta,
+                           seed=seed, backend=backend,
                            backend_options=backend_options(threads, no_spinning, device, cuda_graph, trt_cache,
                                                            trt_fp16, trt_max_batch),
                            progress=bar)
@@ -306,9 +343,18 @@ def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond,
     steps_done = len(result.step_seconds)
     total = sum(result.step_seconds)
     model = result.model_seconds
-    say(f"{steps_done} steps on {result.backend}: {1e3 * total / steps_done:.2f} ms/step (model "
+    say(f"{steps_done} steps on {result.backend} ({result.sampler}): {1e3 * total / steps_done:.2f} ms/step (model "
         f"{1e3 * model / steps_done:.2f} ms, host {1e3 * (total - model) / steps_done:.2f} ms = "
         f"{100 * result.host_share:.1f}%), total {total:.2f} s")
+
+
+def scheduler_overrides(fields, karras, steps_offset) -> dict | None:
+    """The scheduler config fields --set, --karras and --steps-offset override (None: none)."""
+    overrides = parse_fields(fields)
+    for name, value in (("use_karras_sigmas", karras), ("steps_offset", steps_offset)):
+        if value is not None:
+            overrides[name] = value
+    return overrides or None
 
 
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str] | None:
@@ -325,8 +371,8 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
     return list(prompts) + found
 
 
-def _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w, steps, sampler, spacing, seed,
-                     noise, height, width, guidance, latents_out, out, npy, backend, options) -> None:
+def _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w, steps, sampler, spacing, overrides,
+                     seed, noise, height, width, guidance, latents_out, out, npy, backend, options) -> None:
     """`sample` on a pipeline artifact: prompts (or classes) to images."""
     from .grid import read_npy
     from .pipeline_sampling import sample_pipeline_files
@@ -337,7 +383,7 @@ def _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w
             opened, out=out, npy=npy, latents=latents_out, prompts=read_prompts(prompts, prompts_file),
             negative_prompts=list(negative_prompts) or None,
             classes=parse_list(classes, str, "--classes", "207,goldfish"), w=0.0 if w_values is None else w_values[0] if len(w_values) == 1 else w_values,
-            steps=steps, sampler=sampler, spacing=spacing, seed=seed,
+            steps=steps, sampler=sampler, spacing=spacing, scheduler=overrides, seed=seed,
             noise=read_npy(noise, "--noise") if noise is not None else None, height=height, width=width,
             guidance=guidance, backend=backend, backend_options=options, progress=bar)
     for message in result.warnings:

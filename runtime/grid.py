@@ -117,7 +117,8 @@ def sample_grid(artifact: "Artifact | str | Path", *, classes: Sequence[int] | N
                 cond: "np.ndarray | str | Path | None" = None, negative=None, n: int | None = None, w=None,
                 out: str | Path | None = None, npy: str | Path | None = None, noise: np.ndarray | None = None,
                 guidance: GuidanceOptions | None = None, steps: int | None = None, sampler: str | None = None,
-                spacing: str | None = None, eta: float | None = None, seed: int | None = None,
+                spacing: str | None = None, scheduler: dict | None = None, eta: float | None = None,
+                seed: int | None = None,
                 backend: str | None = None, backend_options: BackendOptions | None = None,
                 progress: Progress | None = None) -> GridResult:
     """Returns the sampling result and the files written: `n` images (default 8) for each
@@ -149,7 +150,7 @@ def sample_grid(artifact: "Artifact | str | Path", *, classes: Sequence[int] | N
     if negatives is not None:
         options.negative = negatives
     result = sample_guided(artifact, conds, expand_w(w, rows, n), steps=steps, sampler=sampler, spacing=spacing,
-                           seed=seed, noise=noise, eta=eta, guidance=options, backend=backend,
+                           scheduler=scheduler, seed=seed, noise=noise, eta=eta, guidance=options, backend=backend,
                            backend_options=backend_options, progress=progress)
     grid = GridResult(result, rows)
     largest = float(np.abs(result.samples).max())

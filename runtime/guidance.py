@@ -10,8 +10,9 @@ Two layers:
   One backend call per step on [cond rows; null rows]; a RowPlanner decides, per step and
   image, whether the image runs its null rows (the guidance interval, and the strategies
   that skip null rows where they do not help).
-- GuidedDenoiser: the same as eps, for the samplers, with the prediction type converted
-  and dynamic thresholding applied.
+The samplers (runtime.samplers) call a GuidedModel through their Denoiser, which reads
+the output by the model's prediction type; guidance_rescale (phi) rescales the guided
+output here, on the raw outputs, as diffusers' pipelines do.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import CfgExportError
-from .manifest import ConditionKind, Layout, Manifest, Prediction
+from .manifest import ConditionKind, Layout, Manifest
 from .schedule import parse_enum
 
 log = logging.getLogger(__name__)
@@ -63,26 +64,14 @@ def check_w(w, n: int) -> np.ndarray:
     return arr
 
 
-def to_eps(output: np.ndarray, x: np.ndarray, alpha_cumprod: float, prediction: Prediction) -> np.ndarray:
-    """Returns eps from a model output of the given prediction type, with
-    x_t = sqrt(a) x0 + sqrt(1 - a) eps and v = sqrt(a) eps - sqrt(1 - a) x0."""
-    a = alpha_cumprod
-    if prediction is Prediction.EPS:
-        return output
-    if prediction is Prediction.X0:
-        return (x - math.sqrt(a) * output) / math.sqrt(1 - a)
-    return math.sqrt(a) * output + math.sqrt(1 - a) * x
-
-
-def dynamic_threshold(eps: np.ndarray, x: np.ndarray, alpha_cumprod: float, percentile: float) -> np.ndarray:
-    """Returns eps whose implied x0 is dynamically thresholded (Saharia et al. 2022, Imagen,
-    sec. 2.3): s = the percentile of |x0| per sample, s = max(s, 1), x0 = clip(x0, -s, s) / s."""
-    a = alpha_cumprod
-    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-    flat = np.abs(x0.reshape(len(x0), -1))
-    s = np.maximum(np.quantile(flat, percentile, axis=1), 1.0).reshape((-1,) + (1,) * (x.ndim - 1))
-    x0 = np.clip(x0, -s, s) / s
-    return (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+def rescale(guided: np.ndarray, out_c: np.ndarray, phi: float) -> np.ndarray:
+    """Returns the guided output [N, *S] rescaled towards the standard deviation of the
+    conditional output (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", sec. 3.4, eq. 15-16; diffusers' rescale_noise_cfg): per image,
+    phi guided std(out_c) / std(guided) + (1 - phi) guided, std over all but the first axis."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = out_c.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True)
+    return phi * guided * ratio + (1 - phi) * guided
 
 
 @dataclass
@@ -93,7 +82,8 @@ class GuidanceOptions:
     w_schedule: WSchedule | str = WSchedule.CONSTANT
     interval: tuple[float, float] | None = None  # guide only where sigma_t is in [lo, hi]
     negative: np.ndarray | None = None  # [N] labels or [N, L, D] embeddings for the null rows instead of the null
-    threshold: float | None = None  # dynamic thresholding percentile, e.g. 0.995
+    threshold: float | None = None  # dynamic thresholding percentile, e.g. 0.995 (the scheduler's thresholding)
+    rescale: float | None = None  # guidance_rescale phi in [0, 1] (Lin et al. 2024), e.g. 0.7
 
     def check(self) -> None:
         """Raises CfgExportError for option values no sampling can use."""
@@ -109,11 +99,9 @@ class GuidanceOptions:
         if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and
                                                0 < float(self.threshold) <= 1):
             raise CfgExportError(f"threshold: got {self.threshold!r}, expected a percentile in (0, 1], e.g. 0.995")
-
-
-def vp_sigma(alpha_cumprod: float) -> float:
-    """The noise level sigma = sqrt((1 - a) / a) of a variance-preserving timestep."""
-    return math.sqrt((1.0 - alpha_cumprod) / alpha_cumprod)
+        if self.rescale is not None and not (isinstance(self.rescale, (int, float)) and
+                                             0 <= float(self.rescale) <= 1):
+            raise CfgExportError(f"guidance rescale: got {self.rescale!r}, expected phi in [0, 1], e.g. 0.7")
 
 
 class RowPlanner:
@@ -177,6 +165,10 @@ class GuidedModel:
         self.rows = 0  # model rows evaluated: 2N per fully guided step, N per conditional-only one
         if self.manifest.layout is Layout.STACKED and nulls is None:
             raise CfgExportError("the stacked layout needs the null condition of every condition input")
+        self.rescale = None if options.rescale is None else float(options.rescale)
+        if self.rescale and self.manifest.layout is Layout.FUSED:
+            raise CfgExportError("guidance rescale needs the conditional output, which the fused graph does not "
+                                 "return; re-export without --fuse-guidance")
 
     def _run(self, feeds: dict) -> np.ndarray:
         if self.record is not None:
@@ -209,7 +201,11 @@ class GuidedModel:
                              f"weights, or an FP16/INT8 build overflowing); the guidance weight is not the cause")
 
     def _timestep(self, t, rows: int) -> np.ndarray:
-        return np.full(rows, t, dtype=self.manifest.facts.timestep_dtype)
+        dtype = self.manifest.facts.timestep_dtype
+        if dtype == "int64" and t != round(t):
+            raise CfgExportError(f"timestep {t}: this graph takes int64 timesteps; re-export the model with float "
+                                 "timesteps to sample fractional ones")
+        return np.full(rows, t, dtype=dtype)
 
     def __call__(self, x: np.ndarray, t, cond, sigma: float) -> np.ndarray:
         """x: the model input [N, *S]; t: the timestep fed to the model; cond: the condition
@@ -235,74 +231,44 @@ class GuidedModel:
         out = self._run(feeds)
         self._check_finite(out, t, n, g, x32)
         out_c, out_u = out[:n], out[n:]
-        custom = self.planner.observe(guided_rows, out_c, out_u)
-        if custom is not None:
-            return custom
-        result = out_c.copy()
-        if len(g):
-            result[g] = mix(out_c[g], out_u, w[g])
+        result = self.planner.observe(guided_rows, out_c, out_u)
+        if result is None:
+            result = out_c.copy()
+            if len(g):
+                result[g] = mix(out_c[g], out_u, w[g])
+        if self.rescale and len(g):
+            result[g] = rescale(result[g], out_c[g], self.rescale)
         return result
 
 
-class GuidedDenoiser:
-    """denoise(x, t, cond) -> guided eps [N, *S] for the VP samplers: the GuidedModel's
-    output converted to eps with the prediction type, thresholded when asked.
-
-    Embedding conditions: the null rows hold `null_embedding` [L, D] (the artifact's,
-    Artifact.null_embedding) for every image, or options.negative. `nulls`, when given,
-    holds the null rows [N, ...] of every condition input by name (a pipeline's
-    denoiser with several condition inputs) and replaces both.
-    """
-
-    def __init__(self, backend: Backend, alphas_cumprod: np.ndarray, n: int, options: GuidanceOptions,
-                 record: Callable[[dict], None] | None = None, null_embedding: np.ndarray | None = None,
-                 nulls: dict[str, np.ndarray] | None = None):
-        manifest = backend.manifest
-        self.manifest = manifest
-        self.alphas_cumprod = alphas_cumprod
-        self.options = options
-        if options.negative is not None and manifest.layout is Layout.FUSED:
+def null_rows(manifest: Manifest, n: int, options: GuidanceOptions,
+              null_embedding: np.ndarray | None = None) -> dict | None:
+    """The null rows [N, ...] of the 'cond' input: the negative condition, the null class,
+    or the null embedding [L, D] (Artifact.null_embedding) for every image; None for a
+    fused graph, which holds its null condition."""
+    if options.negative is not None:
+        if manifest.layout is Layout.FUSED:
             raise CfgExportError("a negative condition needs the stacked layout (the fused graph holds the null "
                                  "condition inside); re-export without --fuse-guidance")
-        if nulls is None:
-            nulls = self._nulls(manifest, n, options, null_embedding)
-        self.model = GuidedModel(backend, n, options, nulls, record)
+        return {"cond": np.asarray(options.negative)}
+    if manifest.layout is Layout.FUSED:
+        return None
+    condition = manifest.facts.condition
+    if condition.kind is ConditionKind.CLASS:
+        return {"cond": np.full(n, condition.null, dtype=np.int64)}
+    if null_embedding is None:
+        raise CfgExportError("an embedding condition needs its null embedding [L, D] for the null rows "
+                             "(the artifact's condition.null_file) or a negative embedding")
+    null_embedding = np.asarray(null_embedding, dtype=np.float32)
+    return {"cond": np.broadcast_to(null_embedding, (n, *null_embedding.shape))}
 
-    @staticmethod
-    def _nulls(manifest: Manifest, n: int, options: GuidanceOptions, null_embedding) -> dict | None:
-        """The null rows of the 'cond' input: the negative condition, the null class, the null embedding."""
-        if options.negative is not None:
-            return {"cond": np.asarray(options.negative)}
-        if manifest.layout is Layout.FUSED:
-            return None
-        condition = manifest.facts.condition
-        if condition.kind is ConditionKind.CLASS:
-            return {"cond": np.full(n, condition.null, dtype=np.int64)}
-        if null_embedding is None:
-            raise CfgExportError("an embedding condition needs its null embedding [L, D] for the null rows "
-                                 "(the artifact's condition.null_file) or a negative embedding")
-        null_embedding = np.asarray(null_embedding, dtype=np.float32)
-        return {"cond": np.broadcast_to(null_embedding, (n, *null_embedding.shape))}
 
-    @property
-    def model_seconds(self) -> float:
-        return self.model.model_seconds
-
-    @property
-    def calls(self) -> int:
-        return self.model.calls
-
-    @property
-    def rows(self) -> int:
-        return self.model.rows
-
-    def w_at(self, t: int) -> np.ndarray:
-        return self.model.planner.w_at(t)
-
-    def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
-        a = float(self.alphas_cumprod[t])
-        out = self.model(x, t, cond, sigma=vp_sigma(a))
-        eps = to_eps(out, x, a, self.manifest.facts.prediction)
-        if self.options.threshold is not None:
-            eps = dynamic_threshold(eps, x, a, self.options.threshold)
-        return eps
+def guided_model(backend: Backend, n: int, options: GuidanceOptions, null_embedding: np.ndarray | None = None,
+                 record: Callable[[dict], None] | None = None,
+                 nulls: dict[str, np.ndarray] | None = None) -> GuidedModel:
+    """Returns the GuidedModel of a backend for n images whose null rows hold the negative
+    condition, the null class or the null embedding; or, for a model with several condition
+    inputs (a pipeline's denoiser), the null rows [N, ...] of each input by name in `nulls`."""
+    if nulls is None:
+        nulls = null_rows(backend.manifest, n, options, null_embedding)
+    return GuidedModel(backend, n, options, nulls, record)

@@ -29,8 +29,9 @@ MAX_SAMPLE_ELEMENTS = 1 << 28  # values in one sample: refuses shapes no device 
 STAGE_MANIFEST_KEYS = ("format", "model_file", "layout", "batch", "inputs", "outputs", "precision", "opset",
                        "producer", "engine", "model_sha256", "data_file", "data_sha256", "activation_bytes_per_row",
                        "stage")
-MANIFEST_KEYS = STAGE_MANIFEST_KEYS + ("condition", "conditions", "prediction", "schedule", "sample_shape",
-                                       "timestep_dtype")
+FACTS_KEYS = ("condition", "conditions", "prediction", "schedule", "sample_shape", "timestep_dtype", "scheduler",
+              "patch_size")  # a denoiser's facts: a config's "guidance" block holds these and no others
+MANIFEST_KEYS = STAGE_MANIFEST_KEYS + FACTS_KEYS
 
 
 class Layout(enum.Enum):
@@ -47,6 +48,7 @@ class Prediction(enum.Enum):
     EPS = "eps"  # the noise (Ho et al. 2020)
     V = "v"  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)
     X0 = "x0"  # the clean sample
+    FLOW = "flow"  # flow-matching velocity v = eps - x0, x_s = (1 - s) x0 + s eps (Lipman et al. 2023)
 
 
 class ConditionKind(enum.Enum):
@@ -145,6 +147,8 @@ class ModelFacts:
     sample_shape: tuple[int, ...]  # one sample, without the batch: [C, H, W], [C, L], [L, D], ...
     timestep_dtype: str = "int64"
     extra_conditions: tuple[Condition, ...] = ()  # further named condition inputs, after `condition`
+    scheduler: dict | None = None  # the scheduler config the model shipped with, as diffusers saves it
+    patch_size: int | None = None  # a transformer's patch size: image tokens (H / p) (W / p), for flow shifting
 
     @property
     def conditions(self) -> tuple[Condition, ...]:
@@ -168,6 +172,11 @@ class ModelFacts:
         if len(set(names)) != len(names) or {"sample", "timestep", "w"} & set(names):
             raise CfgExportError(f"condition names: got {names}, expected distinct names other than sample, "
                                  f"timestep, w")
+        if self.scheduler is not None and not (isinstance(self.scheduler, dict) and
+                                               isinstance(self.scheduler.get("_class_name"), str)):
+            raise CfgExportError("scheduler: expected a diffusers scheduler config with its _class_name")
+        if self.patch_size is not None:
+            object.__setattr__(self, "patch_size", expect_int(self.patch_size, "patch_size", lo=1))
 
     @classmethod
     def from_dict(cls, d: dict, what: str = "guidance facts") -> "ModelFacts":
@@ -190,6 +199,8 @@ class ModelFacts:
             sample_shape=d["sample_shape"],
             timestep_dtype=d.get("timestep_dtype", "int64"),
             extra_conditions=tuple(conditions[1:]),
+            scheduler=d.get("scheduler"),
+            patch_size=d.get("patch_size"),
         )
 
     def to_dict(self) -> dict:
@@ -197,13 +208,18 @@ class ModelFacts:
             conditions = {"conditions": [c.to_dict() for c in self.conditions]}
         else:
             conditions = {"condition": self.condition.to_dict()}
-        return {
+        d = {
             **conditions,
             "prediction": self.prediction.value,
             "schedule": self.schedule.to_dict(),
             "sample_shape": list(self.sample_shape),
             "timestep_dtype": self.timestep_dtype,
         }
+        if self.scheduler is not None:
+            d["scheduler"] = self.scheduler
+        if self.patch_size is not None:
+            d["patch_size"] = self.patch_size
+        return d
 
 
 @dataclass(frozen=True)

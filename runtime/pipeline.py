@@ -16,18 +16,18 @@ from .artifact import Artifact, as_artifact
 from .backends import Backend, BackendOptions, open_backend
 from .conditions import check_embeddings, rows_for
 from .errors import CfgExportError
-from .guidance import GuidanceOptions, GuidedDenoiser
+from .guidance import GuidanceOptions, guided_model
 from .manifest import ConditionKind, Layout, Manifest
 from .memory import check_rows_fit
 from .progress import Progress
-from .samplers import get_sampler
-from .schedule import make_timesteps
+from .samplers import (Denoiser, Noise, Plan, SchedulerConfig, check_model, default_scheduler, plan_sampling,
+                       resolve_scheduler, run_plan)
+from .samplers.config import CLASSES, SAMPLER_NAMES
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 50
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_SPACING = "leading"
+DEFAULT_SAMPLER = "ddim"  # calibration's default; sample_guided's is the scheduler the manifest records
 DEFAULT_SEED = 0
 
 
@@ -35,11 +35,13 @@ DEFAULT_SEED = 0
 class SampleResult:
     samples: np.ndarray  # [N, *S] float32, the final x_0
     cond: np.ndarray  # the condition of each image: labels [N] or embeddings [N, L, D]
-    timesteps: np.ndarray  # [steps] the training timesteps visited
+    timesteps: np.ndarray  # [K] float64: the timestep fed to the model at each of the K model calls
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
     model_seconds: float = 0.0  # total time inside the backend
     rows: int = 0  # model rows evaluated over the whole run (2N per guided step, N per unguided one)
     backend: str = ""
+    scheduler: dict = field(default_factory=dict)  # the scheduler config sampled with, as diffusers saves it
+    sampler: str = ""  # the sampler that ran it (samplers.SAMPLER_CHOICES)
 
     @property
     def host_share(self) -> float:
@@ -116,12 +118,55 @@ def _runner(artifact: Artifact, backend: "str | Backend | None", options: Backen
         yield runner
 
 
+def scheduler_for(manifest: Manifest, sampler: str | None = None, fields: dict | None = None,
+                  spacing: str | None = None, threshold: float | None = None) -> SchedulerConfig:
+    """Returns the scheduler config a run samples with: the one the manifest records
+    (DDIM, no clipping, where it records none), switched to `sampler` as diffusers'
+    from_config switches it, with `fields` (diffusers' names), `spacing`
+    (timestep_spacing) and `threshold` (the scheduler's dynamic thresholding at that
+    ratio) overriding one field each. Raises CfgExportError for what cfg-export does not
+    reproduce, and for a scheduler this model cannot take."""
+    facts = manifest.facts
+    fields = dict(fields or {})
+    if spacing is not None:
+        fields["timestep_spacing"] = spacing
+    recorded = facts.scheduler or default_scheduler(facts)
+    if threshold is not None:
+        target = resolve_scheduler(recorded, sampler, {k: v for k, v in fields.items() if k != "thresholding"})
+        if "thresholding" not in target.fields:
+            having = [name for name, s in SAMPLER_NAMES.items() if "thresholding" in CLASSES[s.scheduler].defaults]
+            raise CfgExportError(f"--threshold: {target.class_name} ({target.sampler}) has no dynamic thresholding; "
+                                 f"the samplers with it: {', '.join(having)}")
+        fields.update(thresholding=True, dynamic_thresholding_ratio=float(threshold))
+    config = resolve_scheduler(recorded, sampler, fields)
+    check_model(config, facts)
+    return config
+
+
+def check_timesteps(plan: Plan, config: SchedulerConfig, manifest: Manifest) -> None:
+    """Raises CfgExportError, naming the config field behind them, when the plan feeds
+    fractional timesteps to a graph that takes int64 ones."""
+    if manifest.facts.timestep_dtype != "int64":
+        return
+    fractional = plan.timesteps[plan.timesteps != np.round(plan.timesteps)]
+    if not len(fractional):
+        return
+    f = config.fields
+    causes = [("use_karras_sigmas", True), ("use_exponential_sigmas", True), ("timestep_type", "continuous"),
+              ("timestep_spacing", "linspace")]
+    cause = next((f"{k}={v!r}" for k, v in causes if f.get(k) == v), "its timesteps sigma x 1000")
+    raise CfgExportError(f"{config.class_name} with {cause} feeds fractional timesteps (e.g. {fractional[0]:.4g}) "
+                         f"to the model, whose graph takes int64 timesteps: re-export the model with float "
+                         f"timesteps, or sample with other settings")
+
+
 def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.ndarray, w: float | Sequence[float] = 0.0,
                   *, steps: int | None = None, sampler: str | None = None, spacing: str | None = None,
-                  seed: int | None = None, noise: np.ndarray | None = None, eta: float | None = None,
+                  scheduler: dict | None = None, seed: int | None = None, noise: np.ndarray | None = None,
+                  noise_source: Noise | None = None, eta: float | None = None,
                   guidance: GuidanceOptions | None = None, backend: "str | Backend | None" = None,
                   backend_options: BackendOptions | None = None, progress: Progress | None = None,
-                  callback: Callable[[int, int, np.ndarray], None] | None = None,
+                  callback: Callable[[int, float, np.ndarray], None] | None = None,
                   record: Callable[[dict], None] | None = None) -> SampleResult:
     """Returns N guided samples [N, *S] float32 of the artifact (an Artifact, or a folder
     opened once here), one per condition: class labels [N], or embeddings [N, L, D]
@@ -129,12 +174,18 @@ def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.nd
     latents.
 
     w: the guidance weight (paper's convention), one number or [N]. guidance: the other
-    guidance options (w schedule, interval, negative condition, thresholding); its w
-    is replaced by `w`. A negative condition is a label (or [N]) or an embedding
-    [L, D] (or [N, L, D]); it takes the null rows' place.
+    guidance options (w schedule, interval, negative condition, thresholding, guidance
+    rescale); its w is replaced by `w`. A negative condition is a label (or [N]) or an
+    embedding [L, D] (or [N, L, D]); it takes the null rows' place.
+    Sampling follows the scheduler config the manifest records (DDIM where it records
+    none) as diffusers runs it: `sampler` switches it (one of samplers.SAMPLER_CHOICES,
+    as diffusers' from_config), `scheduler` overrides config fields by their diffusers
+    names (e.g. {"use_karras_sigmas": True}), `spacing` the timestep_spacing; eta is
+    DDIM's. noise: x_T [N, *S] (default: drawn from the seeded generator); noise_source:
+    where ancestral and SDE samplers draw (default: numpy's generator of `seed`).
     backend: a backend name (opened and closed here, with backend_options), or an open
     Backend of this artifact, reused as it is (sample many w or batch sizes with one session).
-    progress(done, total) is called after each step; callback(i, t, x_t) with the sample.
+    progress(done, total) is called after each model call; callback(i, t, x_t) with the sample.
     The same seed on the same backend gives the same samples.
     """
     artifact = as_artifact(artifact)
@@ -145,6 +196,7 @@ def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.nd
     if n < 1:
         raise CfgExportError("no images asked for: give at least one condition")
     options = replace(guidance or GuidanceOptions(), w=w)
+    options.check()
     embedding = manifest.facts.condition.kind is ConditionKind.EMBEDDING
     if options.negative is not None and embedding:
         options.negative = rows_for(check_embeddings(options.negative, manifest, "negative"), n, "negative")
@@ -158,24 +210,21 @@ def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.nd
                              f"{manifest.batch} images, or re-export without --batch")
     check_rows_fit(manifest.activation_bytes_per_row, n * manifest.rows_per_image, n, "sampling",
                    math.prod(manifest.facts.sample_shape))
-    sampler = sampler or DEFAULT_SAMPLER
-    sample_fn = get_sampler(sampler)
-    extra = {}
-    if eta is not None:
-        if sampler != "ddim":
-            raise CfgExportError(f"eta applies to the ddim sampler only, not {sampler}")
-        extra["eta"] = float(eta)
-    alphas_cumprod = manifest.facts.schedule.alphas_cumprod()
-    timesteps = make_timesteps(len(alphas_cumprod), DEFAULT_STEPS if steps is None else steps,
-                               spacing or DEFAULT_SPACING)
+    config = scheduler_for(manifest, sampler, scheduler, spacing, options.threshold)
+    if eta is not None and config.class_name != "DDIMScheduler":
+        raise CfgExportError(f"eta applies to the ddim sampler only (DDIMScheduler), not {config.sampler} "
+                             f"({config.class_name})")
+    plan = plan_sampling(config, DEFAULT_STEPS if steps is None else steps, _image_seq_len(manifest))
+    check_timesteps(plan, config, manifest)
     rng = np.random.default_rng(check_seed(DEFAULT_SEED if seed is None else seed))
     x = make_noise(manifest, n, rng, noise)
-    result = SampleResult(np.empty(0), cond, timesteps)
+    result = SampleResult(np.empty(0), cond, plan.timesteps, scheduler=config.to_dict(), sampler=config.sampler)
     with _runner(artifact, backend, backend_options) as runner:
-        denoise = GuidedDenoiser(runner, alphas_cumprod, n, options, record=record, null_embedding=null_embedding)
+        model = guided_model(runner, n, options, null_embedding, record)
+        denoiser = Denoiser(model, cond, manifest.facts.prediction)
         last = time.perf_counter()
 
-        def on_step(i: int, t: int, x_t: np.ndarray) -> None:
+        def on_step(i: int, t: float, x_t: np.ndarray) -> None:
             nonlocal last
             now = time.perf_counter()
             result.step_seconds.append(now - last)
@@ -183,13 +232,20 @@ def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.nd
             if callback is not None:
                 callback(i, t, x_t)
             if progress is not None:
-                progress(i + 1, len(timesteps))
+                progress(i + 1, len(plan))
 
-        result.samples = sample_fn(denoise, x, cond, alphas_cumprod, timesteps, rng, on_step, **extra)
-        result.model_seconds = denoise.model_seconds
-        result.rows = denoise.rows
+        result.samples = run_plan(plan, denoiser, x, noise_source or rng, on_step, eta=eta)
+        result.model_seconds = model.model_seconds
+        result.rows = model.rows
         result.backend = runner.name
     return result
+
+
+def _image_seq_len(manifest: Manifest) -> int | None:
+    """Image tokens of a patch-based model, (H / p) (W / p), for flow-matching dynamic shifting."""
+    p = manifest.facts.patch_size
+    shape = manifest.facts.sample_shape
+    return None if p is None or len(shape) != 3 else (shape[1] // p) * (shape[2] // p)
 
 
 def _manifest_for(artifact: Artifact, backend: str | None) -> Manifest:

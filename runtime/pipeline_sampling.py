@@ -20,12 +20,11 @@ from .artifact import Artifact, as_artifact
 from .backends import BackendOptions, open_backend
 from .errors import CfgExportError
 from .files import check_output_file
-from .guidance import GuidanceOptions, GuidedDenoiser
+from .guidance import GuidanceOptions, guided_model
 from .images import IMAGE_FORMATS, save_grid, save_npy
-from .pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, check_seed
+from .pipeline import DEFAULT_STEPS, check_seed, check_timesteps, scheduler_for
 from .progress import Progress
-from .samplers import get_sampler
-from .schedule import make_timesteps
+from .samplers import Denoiser, plan_sampling, run_plan
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,8 @@ def decode_latents(artifact: Artifact, latents: np.ndarray, backend: str | None,
 def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | None = None,
                     negative_prompts: Sequence[str] | None = None, classes: Sequence | None = None,
                     w: float | Sequence[float] = 0.0, *, steps: int | None = None, sampler: str | None = None,
-                    spacing: str | None = None, seed: int | None = None, noise: np.ndarray | None = None,
+                    spacing: str | None = None, scheduler: dict | None = None, seed: int | None = None,
+                    noise: np.ndarray | None = None,
                     height: int | None = None, width: int | None = None, guidance: GuidanceOptions | None = None,
                     backend: str | None = None, backend_options: BackendOptions | None = None,
                     progress: Progress | None = None) -> PipelineResult:
@@ -145,8 +145,9 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
     (default: the pipeline's own null: the empty prompt, or zeros for SDXL). w: the
     guidance weight, diffusers' guidance_scale = 1 + w. height, width: pixels (default
     the export's own size). noise: the initial latents [N, C, h, w] (default: drawn from
-    `seed`). Timesteps follow the scheduler config's spacing and steps_offset unless
-    `spacing` is given.
+    `seed`). Sampling follows the pipeline's scheduler config as diffusers runs it;
+    `sampler`, `scheduler` (config fields by their diffusers names) and `spacing` switch
+    or override it as for sample_guided.
     """
     artifact = as_artifact(artifact)
     pipeline = _pipeline(artifact)
@@ -174,7 +175,7 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
     vae_facts = artifact.model_file("vae_decoder").manifest.facts
     scale = vae_facts.scale
     result = PipelineResult(np.empty(0), np.empty(0), np.empty(0), conditions)
-    scheduler = pipeline.get("scheduler", {})
+    scheduler_config = pipeline.get("scheduler") or None
     if text:
         from .prompts import encode_prompts
 
@@ -188,30 +189,36 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
         null = manifest.facts.condition.null
         conds, nulls = {"cond": labels}, {"cond": np.full(n, null, dtype=np.int64)}
     options = replace(guidance or GuidanceOptions(), w=w)
-    sample_fn = get_sampler(sampler or DEFAULT_SAMPLER)
-    alphas_cumprod = manifest.facts.schedule.alphas_cumprod()
-    timesteps = make_timesteps(len(alphas_cumprod), DEFAULT_STEPS if steps is None else steps,
-                               spacing or scheduler.get("timestep_spacing", "leading"),
-                               steps_offset=0 if spacing else int(scheduler.get("steps_offset", 0) or 0))
-    result.timesteps = timesteps
+    options.check()
+    facts = manifest.facts
+    if facts.scheduler is None and scheduler_config:  # artifacts that record it in pipeline.json only
+        manifest = replace(manifest, facts=replace(facts, scheduler=scheduler_config))
+    config = scheduler_for(manifest, sampler, scheduler, spacing, options.threshold)
+    h, w_latent = height // scale, width // scale
+    patch = manifest.facts.patch_size
+    plan = plan_sampling(config, DEFAULT_STEPS if steps is None else steps,
+                         None if patch is None else (h // patch) * (w_latent // patch))
+    check_timesteps(plan, config, manifest)
+    result.timesteps = plan.timesteps
     rng = np.random.default_rng(check_seed(DEFAULT_SEED if seed is None else seed))
-    shape = (n, manifest.facts.sample_shape[0], height // scale, width // scale)
+    shape = (n, manifest.facts.sample_shape[0], h, w_latent)
     x = make_latents(shape, rng, noise)
     with open_backend(artifact, backend, backend_options) as runner:
-        denoise = GuidedDenoiser(runner, alphas_cumprod, n, options, nulls=nulls)
+        model = guided_model(runner, n, options, nulls=nulls)
+        denoiser = Denoiser(model, conds, manifest.facts.prediction)
         last = time.perf_counter()
 
-        def on_step(i: int, t: int, x_t: np.ndarray) -> None:
+        def on_step(i: int, t: float, x_t: np.ndarray) -> None:
             nonlocal last
             now = time.perf_counter()
             result.step_seconds.append(now - last)
             last = now
             if progress is not None:
-                progress(i + 1, len(timesteps))
+                progress(i + 1, len(plan))
 
-        result.latents = sample_fn(denoise, x, conds, alphas_cumprod, timesteps, rng, on_step)
-        result.stage_seconds["denoiser"] = denoise.model_seconds
-        result.rows["denoiser"] = denoise.rows
+        result.latents = run_plan(plan, denoiser, x, rng, on_step)
+        result.stage_seconds["denoiser"] = model.model_seconds
+        result.rows["denoiser"] = model.rows
         result.backend = runner.name
     result.images, result.stage_seconds["vae_decoder"] = decode_latents(artifact, result.latents, backend,
                                                                         backend_options)

@@ -28,11 +28,11 @@ import numpy as np
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.backends import BACKENDS, open_backend
 from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser, mix, to_eps
+from cfg_export.runtime.guidance import GuidanceOptions, GuidedModel, guided_model, mix, null_rows
 from cfg_export.runtime.manifest import ConditionKind, Layout, Manifest
 from cfg_export.runtime.memory import check_rows_fit
 from cfg_export.runtime.progress import Progress
-from cfg_export.runtime.samplers import sample_ddim
+from cfg_export.runtime.samplers import Denoiser, default_scheduler, plan_sampling, resolve_scheduler, run_plan
 from cfg_export.runtime.schedule import make_timesteps
 
 log = logging.getLogger(__name__)
@@ -98,17 +98,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-class TwoPassDenoiser(GuidedDenoiser):
+class TwoPassModel(GuidedModel):
     """The hand-written loop: the conditional rows, then the null rows, in two calls."""
 
-    def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, t, cond: np.ndarray, sigma: float) -> np.ndarray:
         x32 = x.astype(np.float32)
-        timestep = np.full(len(x), t, dtype=self.manifest.facts.timestep_dtype)
-        eps_c = self.model._run({"sample": x32, "timestep": timestep, "cond": cond})
-        eps_u = self.model._run({"sample": x32, "timestep": timestep,
-                                 "cond": np.ascontiguousarray(self.model.nulls["cond"])})
-        return to_eps(mix(eps_c, eps_u, self.w_at(t)), x, float(self.alphas_cumprod[t]),
-                      self.manifest.facts.prediction)
+        timestep = self._timestep(t, len(x))
+        out_c = self._run({"sample": x32, "timestep": timestep, "cond": cond})
+        out_u = self._run({"sample": x32, "timestep": timestep, "cond": np.ascontiguousarray(self.nulls["cond"])})
+        return mix(out_c, out_u, self.planner.w_at(t))
 
 
 def _conditions(manifest: Manifest, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -118,11 +116,13 @@ def _conditions(manifest: Manifest, n: int, rng: np.random.Generator) -> np.ndar
     return rng.standard_normal((n, *cond.shape)).astype(np.float32)
 
 
-def _timed_loop(denoise: Callable, x: np.ndarray, cond, alphas_cumprod: np.ndarray, steps: int,
+def _timed_loop(model: GuidedModel, x: np.ndarray, cond, steps: int,
                 warmup: int, model_seconds: Callable[[], float]) -> tuple[list[float], list[float]]:
-    """Runs DDIM over warmup + steps timesteps; returns per-step wall and model seconds
-    for the timed steps."""
-    timesteps = make_timesteps(len(alphas_cumprod), warmup + steps, "trailing")
+    """Runs DDIM (trailing timesteps) over warmup + steps timesteps; returns per-step wall
+    and model seconds for the timed steps."""
+    facts = model.manifest.facts
+    config = resolve_scheduler(default_scheduler(facts), "ddim", {"timestep_spacing": "trailing"})
+    plan = plan_sampling(config, warmup + steps)
     walls, models = [], []
     last, last_model = time.perf_counter(), model_seconds()
 
@@ -134,7 +134,7 @@ def _timed_loop(denoise: Callable, x: np.ndarray, cond, alphas_cumprod: np.ndarr
             models.append(now_model - last_model)
         last, last_model = time.perf_counter(), model_seconds()
 
-    sample_ddim(denoise, x, cond, alphas_cumprod, timesteps, np.random.default_rng(0), on_step)
+    run_plan(plan, Denoiser(model, cond, facts.prediction), x, np.random.default_rng(0), on_step)
     return walls, models
 
 
@@ -160,7 +160,6 @@ def artifact_modes(manifest: Manifest) -> list[str]:
 
 def _bench_artifact(artifact: Artifact, backend_name: str, batches, steps, warmup, modes):
     manifest, directory = artifact.manifest, artifact.directory
-    ac = manifest.facts.schedule.alphas_cumprod()
     null_embedding = None
     if manifest.facts.condition.kind is ConditionKind.EMBEDDING and manifest.layout is Layout.STACKED:
         null_embedding = artifact.null_embedding()
@@ -179,9 +178,11 @@ def _bench_artifact(artifact: Artifact, backend_name: str, batches, steps, warmu
                 if mode not in modes:
                     continue
                 options = GuidanceOptions(w=W, interval=(0.0, 0.0) if mode == "unguided" else None)
-                kind = TwoPassDenoiser if mode == "two-pass" else GuidedDenoiser
-                denoise = kind(backend, ac, n, options, null_embedding=null_embedding)
-                walls, models = _timed_loop(denoise, x, cond, ac, steps, warmup, lambda: denoise.model_seconds)
+                if mode == "two-pass":
+                    model = TwoPassModel(backend, n, options, null_rows(manifest, n, options, null_embedding))
+                else:
+                    model = guided_model(backend, n, options, null_embedding)
+                walls, models = _timed_loop(model, x, cond, steps, warmup, lambda: model.model_seconds)
                 yield _row(directory, manifest.precision, backend.name, mode, n, walls, models)
 
 

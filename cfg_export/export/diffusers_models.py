@@ -19,7 +19,7 @@ import torch
 from cfg_export.export.loading import CONFIG_NAME, LoadedModel
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import ModelFacts
-from cfg_export.runtime.schedule import BetaSchedule
+from cfg_export.runtime.schedule import BETA_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -122,38 +122,55 @@ def _find_scheduler(model_dir: Path) -> Path | None:
     return None
 
 
-def _schedule_facts(model_dir: Path, notes: list[str]) -> tuple[dict, str]:
-    """Returns (schedule dict, prediction) from the scheduler config, or diffusers'
-    DDPMScheduler defaults (with a note) when there is none."""
+def _schedule_facts(model_dir: Path, notes: list[str]) -> tuple[dict, str, dict | None]:
+    """Returns (schedule dict, prediction, scheduler config) from the scheduler folder:
+    the training schedule and prediction type its config states, and the config itself,
+    whole, as the sampler to use by default. Without a scheduler folder: diffusers'
+    DDPMScheduler defaults (with a note) and no config."""
     path = _find_scheduler(model_dir)
     if path is None:
         notes.append(f"no scheduler folder beside {model_dir}: assumed diffusers' defaults (linear betas "
                      "1e-4..0.02, 1000 timesteps, epsilon prediction)")
+        recorded = None
         config = {}
     else:
         config = _read_json(path)
-        log.info("training schedule from %s", path)
+        recorded = config if isinstance(config.get("_class_name"), str) else None
+        if recorded is None:
+            notes.append(f"{path} names no scheduler class (_class_name): the runtime samples with DDIM")
+        log.info("training schedule and scheduler from %s", path)
+    if config.get("_class_name", "").startswith("FlowMatch"):
+        return {"kind": "flow_match", "num_train_timesteps": int(config.get("num_train_timesteps", 1000))}, \
+            "flow", recorded
     config = {**DEFAULT_SCHEDULER, **{k: v for k, v in config.items() if v is not None}}
-    if config.get("trained_betas") is not None:
-        raise CfgExportError(f"{path}: trained_betas (an explicit beta list) is not supported; "
-                             f"expected beta_schedule one of {', '.join(s.value for s in BetaSchedule)}")
-    if config.get("rescale_betas_zero_snr"):
-        raise CfgExportError(f"{path}: rescale_betas_zero_snr is not supported (alphas_cumprod reaches 0)")
     kind = config["beta_schedule"]
-    if kind not in [s.value for s in BetaSchedule]:
+    if kind not in BETA_KINDS:
         raise CfgExportError(f"{path}: beta_schedule {kind!r} is not supported; expected one of "
-                             f"{', '.join(s.value for s in BetaSchedule)}")
+                             f"{', '.join(BETA_KINDS)}")
     prediction = config["prediction_type"]
     if prediction not in PREDICTIONS:
         raise CfgExportError(f"{path}: prediction_type {prediction!r} is not supported; expected one of "
                              f"{', '.join(PREDICTIONS)}")
-    if config.get("steps_offset") or config.get("set_alpha_to_one") is False:
-        notes.append(f"{path.name} has steps_offset={config.get('steps_offset', 0)}, set_alpha_to_one="
-                     f"{config.get('set_alpha_to_one', True)}; cfg-export's samplers use offset 0 and "
-                     "alpha 1 after the last step, so their timesteps differ slightly from this scheduler's")
     schedule = {"kind": kind, "num_train_timesteps": int(config["num_train_timesteps"]),
                 "beta_start": float(config["beta_start"]), "beta_end": float(config["beta_end"])}
-    return schedule, PREDICTIONS[prediction]
+    if config.get("trained_betas") is not None:
+        schedule["trained_betas"] = [float(b) for b in config["trained_betas"]]
+    if config.get("rescale_betas_zero_snr"):
+        schedule["rescale_betas_zero_snr"] = True
+    if recorded is not None:
+        _check_scheduler(recorded, path, notes)
+    return schedule, PREDICTIONS[prediction], recorded
+
+
+def _check_scheduler(config: dict, path: Path, notes: list[str]) -> None:
+    """Notes a scheduler config that the runtime cannot sample as it is (it still exports:
+    `cfg-export sample --sampler NAME` picks another)."""
+    from cfg_export.runtime.samplers import resolve_scheduler
+
+    try:
+        resolve_scheduler(config)
+    except CfgExportError as exc:
+        notes.append(f"{path}: {exc}; sample this model with --sampler NAME")
 
 
 def _sample_shape(config: dict, config_path: Path) -> list[int]:
@@ -254,7 +271,7 @@ def load_diffusers(folder: str | Path, null_class: int | None = None,
     if family.condition == "embedding" and null_class is not None:
         raise CfgExportError(f"--null-class: {name} takes embeddings; use --null-embedding FILE.npy")
     notes: list[str] = []
-    schedule, prediction = _schedule_facts(model_dir, notes)
+    schedule, prediction, scheduler = _schedule_facts(model_dir, notes)
     null_array = None
     if family.condition == "class":
         condition = _class_condition(name, config, config_path, null_class)
@@ -262,7 +279,8 @@ def load_diffusers(folder: str | Path, null_class: int | None = None,
         null_array = read_null_embedding(null_embedding, _embedding_width(config, config_path), config_path)
         condition = {"kind": "embedding", "null_file": NULL_EMBEDDING_FILE, "shape": list(null_array.shape)}
     facts = ModelFacts.from_dict({"condition": condition, "prediction": prediction, "schedule": schedule,
-                                  "sample_shape": _sample_shape(config, config_path), "timestep_dtype": "int64"})
+                                  "sample_shape": _sample_shape(config, config_path), "timestep_dtype": "int64",
+                                  "scheduler": scheduler})
     diffusers = require("diffusers", "diffusers")
     try:
         model = getattr(diffusers, name).from_pretrained(str(model_dir), local_files_only=True, low_cpu_mem_usage=False,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cfg_export.runtime.errors import CfgExportError, require
-from cfg_export.runtime.manifest import ModelFacts
+from cfg_export.runtime.manifest import FACTS_KEYS, ModelFacts
 from cfg_export.runtime.validation import expect_dict, expect_str, refuse_unknown, require_keys
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def read_config(config_path: Path) -> dict:
         weights = expect_str(config.get("weights", "model.safetensors"), "config.json weights")
         if not weights or Path(weights).is_absolute():
             raise CfgExportError(f"config.json weights: got {weights!r}, expected a file name in the model folder")
+        refuse_unknown(expect_dict(config["guidance"], "config.json guidance"), FACTS_KEYS, "config.json guidance")
         facts = ModelFacts.from_dict(config["guidance"], "config.json guidance")
     except CfgExportError as exc:
         raise CfgExportError(f"{config_path}: {exc}") from None

@@ -240,7 +240,7 @@ def _schedule(folder: Path, model_dir: Path, notes: list[str]):
     from cfg_export.export.diffusers_models import _schedule_facts
     from cfg_export.runtime.schedule import NoiseSchedule
 
-    schedule, prediction = _schedule_facts(model_dir, notes)
+    schedule, prediction, _recorded = _schedule_facts(model_dir, notes)
     return NoiseSchedule.from_dict(schedule), prediction
 
 
@@ -345,7 +345,7 @@ def export_stable_diffusion(folder: Path, name: str, writer: StageWriter) -> dic
         writer.save_array("denoiser", "null_embedding.npy", hidden)
     facts = ModelFacts(condition=conditions[0], extra_conditions=tuple(conditions[1:]), prediction=prediction,
                        schedule=schedule, sample_shape=(int(config.in_channels), *(s // vae_scale for s in sizes["opt"])),
-                       timestep_dtype="float32")
+                       timestep_dtype="float32", scheduler=read_scheduler_config(folder))
     rng = np.random.default_rng(3)
 
     def condition_feeds(rows: int) -> dict:
@@ -375,7 +375,8 @@ def export_dit(folder: Path, index: dict, writer: StageWriter) -> dict:
     classes = int(config.num_embeds_ada_norm)
     facts = ModelFacts(condition=Condition("class", num_classes=classes, null=classes), prediction=prediction,
                        schedule=schedule, sample_shape=(int(config.in_channels), int(config.sample_size),
-                                                        int(config.sample_size)), timestep_dtype="float32")
+                                                        int(config.sample_size)), timestep_dtype="float32",
+                       scheduler=read_scheduler_config(folder), patch_size=int(config.patch_size))
     rng = np.random.default_rng(4)
 
     def condition_feeds(rows: int) -> dict:

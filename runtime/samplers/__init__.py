@@ -1,34 +1,79 @@
-"""Samplers: pure-numpy functions with one signature (k-diffusion style),
+"""Samplers: pure-numpy functions, one per diffusers scheduler, with one signature
+(k-diffusion style),
 
-    sample_X(denoise, x, cond, alphas_cumprod, timesteps, rng, callback=None) -> x_0
+    sample_X(denoiser, x, plan, noise=None, callback=None) -> final sample
 
-where denoise(x float32 [N, ...], t: int, cond) -> eps [N, ...] already holds the
-guidance mix, x is the initial noise x_T, alphas_cumprod float64 [T] comes from
-NoiseSchedule.alphas_cumprod(), timesteps int64 [S] from make_timesteps(), and rng is
-the only source of randomness. Each returns the final sample, float32 like x.
+where denoiser (core.Denoiser) makes one model call and returns the x_0 and noise
+predictions, x is standard normal noise [N, ...], plan (core.Plan, from plan_X(config,
+steps)) holds what the scheduler's set_timesteps computes, and noise is where ancestral
+and SDE samplers draw (a numpy Generator, or any object with standard_normal(shape)).
+Each returns the final sample, float32 like x, and reproduces the diffusers scheduler of
+the same name for every config field it accepts (config.resolve_scheduler refuses the rest).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
 from ..errors import CfgExportError
-from .ddim import sample_ddim
-from .ddpm import sample_ddpm
-from .dpmpp_2m import sample_dpmpp_2m
+from .config import (CLASSES, SAMPLER_NAMES, SchedulerConfig, check_model, default_scheduler,
+                     resolve_scheduler)
+from .core import Callback, Denoiser, Noise, Plan
+from .ddim import plan_ddim, sample_ddim
+from .ddpm import plan_ddpm, sample_ddpm
+from .dpmpp import plan_dpmpp, sample_dpmpp
+from .euler import plan_euler, sample_euler
+from .euler_ancestral import plan_euler_ancestral, sample_euler_ancestral
+from .flow_euler import plan_flow_euler, sample_flow_euler
+from .heun import plan_heun, sample_heun
+from .pndm import plan_pndm, sample_pndm
+from .unipc import plan_unipc, sample_unipc
 
-SAMPLERS: dict[str, Callable] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp-2m": sample_dpmpp_2m,
+
+@dataclass(frozen=True)
+class Sampler:
+    """The plan and sample functions that follow one diffusers scheduler class."""
+
+    plan: Callable[..., Plan]
+    sample: Callable[..., np.ndarray]
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "DDIMScheduler": Sampler(plan_ddim, sample_ddim),
+    "DDPMScheduler": Sampler(plan_ddpm, sample_ddpm),
+    "PNDMScheduler": Sampler(plan_pndm, sample_pndm),
+    "EulerDiscreteScheduler": Sampler(plan_euler, sample_euler),
+    "EulerAncestralDiscreteScheduler": Sampler(plan_euler_ancestral, sample_euler_ancestral),
+    "HeunDiscreteScheduler": Sampler(plan_heun, sample_heun),
+    "DPMSolverMultistepScheduler": Sampler(plan_dpmpp, sample_dpmpp),
+    "UniPCMultistepScheduler": Sampler(plan_unipc, sample_unipc),
+    "FlowMatchEulerDiscreteScheduler": Sampler(plan_flow_euler, sample_flow_euler),
 }
+assert set(SAMPLERS) == set(CLASSES)
+SAMPLER_CHOICES = tuple(SAMPLER_NAMES)  # the names --sampler takes
 
 
-def get_sampler(name: str) -> Callable:
-    """Returns the sampler function registered under name, or raises CfgExportError listing the names."""
-    try:
-        return SAMPLERS[name]
-    except (KeyError, TypeError):
-        raise CfgExportError(f"sampler: got {name!r}, expected one of {', '.join(SAMPLERS)}") from None
+def plan_sampling(config: SchedulerConfig, steps: int, image_seq_len: int | None = None) -> Plan:
+    """Returns the plan of `steps` sampling steps of the scheduler config (its set_timesteps)."""
+    return SAMPLERS[config.class_name].plan(config, steps, image_seq_len)
 
 
-__all__ = ["SAMPLERS", "get_sampler", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m"]
+def run_plan(plan: Plan, denoiser: Denoiser, x: np.ndarray, noise: Noise | None = None,
+             callback: Callback | None = None, *, eta: float | None = None) -> np.ndarray:
+    """Returns the final sample, float32 [N, ...]: the plan's sampler run from the noise x.
+    eta: DDIM's (DDIMScheduler only)."""
+    sample = SAMPLERS[plan.scheduler].sample
+    if eta is None:
+        return sample(denoiser, x, plan, noise, callback)
+    if plan.scheduler != "DDIMScheduler":
+        raise CfgExportError(f"eta applies to the ddim sampler only (DDIMScheduler), not {plan.sampler} "
+                             f"({plan.scheduler})")
+    return sample(denoiser, x, plan, noise, callback, eta=float(eta))
+
+
+__all__ = ["SAMPLERS", "SAMPLER_CHOICES", "Sampler", "Denoiser", "Plan", "Noise", "SchedulerConfig",
+           "resolve_scheduler", "default_scheduler", "check_model", "plan_sampling", "run_plan",
+           "sample_ddim", "sample_ddpm", "sample_pndm", "sample_euler", "sample_euler_ancestral", "sample_heun",
+           "sample_dpmpp", "sample_unipc", "sample_flow_euler"]

@@ -76,13 +76,15 @@ def test_scheduler_prediction_type_and_defaults(tmp_path, diffusers_folders):
     config = {**tiny_diffusers.SCHEDULER, "prediction_type": "v_prediction", "beta_schedule": "scaled_linear",
               "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1}
     (folder / "scheduler_config.json").write_text(json.dumps(config))
+    (folder / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler", **config}))
     loaded = load_diffusers(folder)
     assert loaded.facts.prediction.value == "v" and loaded.facts.schedule.kind.value == "scaled_linear"
-    assert "steps_offset=1" in loaded.notes[0]
+    assert loaded.facts.scheduler == {"_class_name": "DDIMScheduler", **config}  # recorded whole
+    assert not loaded.notes
     with pytest.raises(CfgExportError, match="--null-class: got 0, a row inside the class table"):
         load_diffusers(folder, null_class=0)  # class 0 would be a class and the null at once
     (folder / "scheduler_config.json").write_text(json.dumps({**config, "trained_betas": [0.1, 0.2]}))
-    with pytest.raises(CfgExportError, match="trained_betas .* is not supported"):
+    with pytest.raises(CfgExportError, match=r"trained_betas: got 2 values, expected num_train_timesteps \(1000\)"):
         load_diffusers(folder)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from cfg_export.runtime.conditions import check_embeddings, read_null_embedding, rows_for
 from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser
+from cfg_export.runtime.guidance import GuidanceOptions, guided_model
 from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
 from cfg_export.runtime.pipeline import check_cond
 from cfg_export.runtime.schedule import NoiseSchedule
@@ -75,8 +75,7 @@ def run(options, null_embedding=None, layout=Layout.STACKED):
     x = np.random.default_rng(0).standard_normal((2, 1, 2, 2))
     cond = np.stack([np.full((L, D), 1.0), np.full((L, D), 2.0)]).astype(np.float32)
     with backend:
-        eps = GuidedDenoiser(backend, NoiseSchedule().alphas_cumprod(), 2, options,
-                             null_embedding=null_embedding)(x, 500, cond)
+        eps = guided_model(backend, 2, options, null_embedding=null_embedding)(x, 500, cond, sigma=1.0)
     return backend.feeds, eps, x
 
 

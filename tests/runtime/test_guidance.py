@@ -1,12 +1,12 @@
-"""The w mix, prediction conversion, thresholding and the guided denoiser's feeds."""
+"""The w mix, guidance rescale and the guided model's feeds."""
 import math
 
 import numpy as np
 import pytest
 
 from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser, check_w, dynamic_threshold, mix, to_eps
-from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, Prediction, TensorSpec
+from cfg_export.runtime.guidance import GuidanceOptions, check_w, guided_model, mix
+from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
 from cfg_export.runtime.schedule import NoiseSchedule
 from tests.runtime.fakes import RecordingBackend
 
@@ -33,28 +33,6 @@ def test_check_w():
         check_w([1, 2], 3)
 
 
-@pytest.mark.parametrize("prediction", [Prediction.EPS, Prediction.X0, Prediction.V])
-def test_to_eps(prediction):
-    a = 0.37
-    x0, eps = rng.standard_normal((2, 3, 2, 4))
-    x = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
-    output = {Prediction.EPS: eps, Prediction.X0: x0, Prediction.V: math.sqrt(a) * eps - math.sqrt(1 - a) * x0}
-    np.testing.assert_allclose(to_eps(output[prediction], x, a, prediction), eps, atol=1e-12)
-
-
-def test_dynamic_threshold():
-    a = 0.5
-    x0 = np.stack([rng.uniform(-0.9, 0.9, (1, 8, 8)), rng.uniform(-5, 5, (1, 8, 8))])
-    eps = rng.standard_normal(x0.shape)
-    x = math.sqrt(a) * x0 + math.sqrt(1 - a) * eps
-    out = dynamic_threshold(eps, x, a, 0.995)
-    np.testing.assert_allclose(out[0], eps[0], atol=1e-12)  # |x0| <= 1: untouched
-    x0_new = (x - math.sqrt(1 - a) * out) / math.sqrt(a)
-    assert np.abs(x0_new[1]).max() <= 1 + 1e-12
-    s = np.quantile(np.abs(x0[1]), 0.995)
-    np.testing.assert_allclose(x0_new[1], np.clip(x0[1], -s, s) / s, atol=1e-12)
-
-
 def _fake_eps(feeds):
     eps = 0.1 * feeds["sample"] + feeds["cond"].reshape(-1, 1, 1, 1)
     if "w" in feeds:  # fused: the graph does the stacking with null class 10
@@ -78,13 +56,18 @@ def make_manifest(layout=Layout.STACKED, batch=None):
     return Manifest(facts, layout, tuple(inputs), (TensorSpec("eps", (rows, 1, 2, 2), "float32"),), batch=batch)
 
 
+def vp_sigma(t: int) -> float:
+    a = NoiseSchedule().alphas_cumprod()[t]
+    return math.sqrt((1 - a) / a)
+
+
 def run_denoiser(options, layout=Layout.STACKED, t=500, batch=None):
     manifest = make_manifest(layout, batch)
     backend = FakeBackend(manifest)
     x = np.random.default_rng(1).standard_normal((3, 1, 2, 2))
     cond = np.array([1, 2, 3])
     with backend:
-        eps = GuidedDenoiser(backend, NoiseSchedule().alphas_cumprod(), 3, options)(x, t, cond)
+        eps = guided_model(backend, 3, options)(x, t, cond, sigma=vp_sigma(t))
     return backend.feeds, eps, x, cond
 
 
@@ -132,13 +115,11 @@ def test_guidance_interval_runs_only_conditional_rows_outside():
 
 def test_linear_w_schedule():
     T = 1000
-    denoiser = GuidedDenoiser(FakeBackend(make_manifest()), NoiseSchedule().alphas_cumprod(), 2,
-                              GuidanceOptions(w=2.0, w_schedule="linear"))
-    np.testing.assert_allclose(denoiser.w_at(0), [4.0, 4.0])
-    np.testing.assert_allclose(denoiser.w_at(T // 2), [2.0, 2.0])
+    model = guided_model(FakeBackend(make_manifest()), 2, GuidanceOptions(w=2.0, w_schedule="linear"))
+    np.testing.assert_allclose(model.planner.w_at(0), [4.0, 4.0])
+    np.testing.assert_allclose(model.planner.w_at(T // 2), [2.0, 2.0])
     with pytest.raises(CfgExportError, match="w schedule: got 'cosine', expected one of constant, linear"):
-        GuidedDenoiser(FakeBackend(make_manifest()), NoiseSchedule().alphas_cumprod(), 2,
-                       GuidanceOptions(w=2.0, w_schedule="cosine"))
+        guided_model(FakeBackend(make_manifest()), 2, GuidanceOptions(w=2.0, w_schedule="cosine"))
 
 
 def test_backend_validates_feeds():

@@ -68,7 +68,7 @@ def test_nan_during_sampling_names_the_step(tiny_artifacts):
     ({"steps": 0}, "steps: got 0, expected 1..100"),
     ({"steps": 101}, "steps: got 101, expected 1..100"),
     ({"noise": np.zeros((3, 2, 6, 6))}, "noise: got shape [3, 2, 6, 6], expected [2, 2, 6, 6]"),
-    ({"sampler": "euler"}, "expected one of"),
+    ({"sampler": "euler-a"}, "sampler: got 'euler-a', expected one of ddim, ddpm, pndm, euler,"),
     ({"backend": "tpu"}, "backend: got 'tpu', expected one of auto, onnxruntime-cpu"),
     ({"eta": 0.5, "sampler": "ddpm"}, "eta applies to the ddim sampler only"),
 ])

@@ -1,333 +1,468 @@
-"""The numpy samplers against diffusers' own schedulers, run on the same model, timesteps and noise.
+"""Every sampler against the diffusers scheduler of the same name, run in its own loop
+(scale_model_input, model, step) on the same model function, the same initial noise and,
+for the ancestral and SDE samplers, the same noise: diffusers' own generator, handed to
+our samplers through their replaceable noise source.
 
-The model is a fixed numpy function of (x, t) handed to both loops. Unless a test says
-otherwise the diffusers scheduler is given our float64 alphas_cumprod, so what is compared
-is the stepping arithmetic alone (test_schedule.py compares the schedules); diffusers then
-steps a float32 sample, which is what the tolerances absorb.
+The model is a fixed numpy function of (sample, timestep): the exact x_0 posterior mean of
+data x_0 ~ N(0.5, 0.5^2) plus a nonlinear term that mixes neighbours and depends on t,
+returned as the prediction type of the config. Final samples must agree to 1e-5 of their
+largest value; diffusers keeps its schedule (alphas_cumprod, sigmas) in float32, which is
+what the difference is made of.
 """
 from __future__ import annotations
 
+import inspect
 import re
-import subprocess
-import sys
-from pathlib import Path
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.schedulers import scheduling_ddpm
 
-from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.samplers import SAMPLERS, get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m
-from cfg_export.runtime.schedule import NoiseSchedule, make_timesteps
+diffusers = pytest.importorskip("diffusers")
 
-T = 1000
-SCHEDULES = {
-    "linear": NoiseSchedule("linear", T, 1e-4, 0.02),  # Ho et al. 2020
-    "scaled_linear": NoiseSchedule("scaled_linear", T, 0.00085, 0.012),  # Stable Diffusion
-}
-# (spacing, steps, steps_offset): uniform strides, a non-uniform trailing one, linspace
-STEPPINGS = [("leading", 1, 0), ("leading", 10, 0), ("leading", 25, 1), ("trailing", 25, 0),
-             ("trailing", 30, 0), ("linspace", 10, 0), ("linspace", 25, 0)]
-COND = object()  # the samplers must pass cond through untouched
+from cfg_export.runtime.errors import CfgExportError  # noqa: E402
+from cfg_export.runtime.samplers import Denoiser, plan_sampling, resolve_scheduler, run_plan  # noqa: E402
+from cfg_export.runtime.samplers.config import CLASSES  # noqa: E402
+from cfg_export.runtime.schedule import NoiseSchedule  # noqa: E402
+
+TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|
 SHAPE = (2, 3, 8, 8)
-RTOL = ATOL = 1e-5
+SD = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+LINEAR = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+PREDICTIONS = {"epsilon": "eps", "sample": "x0", "original_sample": "x0", "v_prediction": "v"}
 
-# diffusers' DPMSolverMultistepScheduler.set_timesteps calls np.array on a torch tensor
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 
-def make_denoise(alphas_cumprod: np.ndarray):
-    """Returns denoise(x, t, cond) -> eps: the exact eps of data x_0 ~ N(0.5, 0.5^2) per
-    element, plus a nonlinear term that mixes neighbours and depends on t, so that the x_0
-    prediction moves with x and t. Checks the call convention the samplers promise."""
+def vp_model(prediction: str, alphas_cumprod: np.ndarray):
+    """model(x, t) -> the output of the given prediction type, float32: x_0 is the posterior
+    mean of N(0.5, 0.5^2) data at the noise level of (fractional) timestep t, plus 0.1 tanh
+    of the shifted sample; eps and v follow from x_t = sqrt(a) x_0 + sqrt(1 - a) eps."""
 
-    def denoise(x: np.ndarray, t: int, cond) -> np.ndarray:
-        assert x.dtype == np.float32 and type(t) is int and cond is COND
-        a = alphas_cumprod[t]
+    def model(x: np.ndarray, t: float) -> np.ndarray:
         x = x.astype(np.float64)
-        gaussian = np.sqrt(1 - a) * (x - np.sqrt(a) * 0.5) / (0.25 * a + 1 - a)
-        return (gaussian + 0.2 * np.tanh(np.roll(x, 1, axis=-1) * (1 + t / 500))).astype(np.float32)
+        a = float(np.interp(t, np.arange(len(alphas_cumprod)), alphas_cumprod))
+        x0 = 0.5 + np.sqrt(a) * 0.25 * (x - np.sqrt(a) * 0.5) / (0.25 * a + 1 - a)
+        x0 = x0 + 0.1 * np.tanh(np.roll(x, 1, axis=-1) * (1 + abs(t) / 500))
+        eps = (x - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        out = {"epsilon": eps, "sample": x0, "original_sample": x0,
+               "v_prediction": np.sqrt(a) * eps - np.sqrt(1 - a) * x0}[prediction]
+        return out.astype(np.float32)
 
-    return denoise
-
-
-def noise(seed: int = 0, shape=SHAPE) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-class RecordingRng:
-    """A numpy Generator that keeps every standard_normal draw, to hand the same noise to diffusers."""
-
-    def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
-        self.draws: list[np.ndarray] = []
-
-    def standard_normal(self, shape):
-        z = self.rng.standard_normal(shape)
-        self.draws.append(z)
-        return z
+    return model
 
 
-def scheduler_with(cls, kind: str, alphas_cumprod: np.ndarray | None, **config):
-    """Returns a diffusers scheduler of the named training schedule; with our alphas_cumprod
-    (float64) in place of its float32 one unless alphas_cumprod is None."""
-    schedule = SCHEDULES[kind]
-    scheduler = cls(num_train_timesteps=T, beta_schedule=kind, beta_start=schedule.beta_start,
-                    beta_end=schedule.beta_end, **config)
-    if alphas_cumprod is not None:
-        scheduler.alphas_cumprod = torch.from_numpy(alphas_cumprod)
-    return scheduler
+def flow_model(x: np.ndarray, t: float) -> np.ndarray:
+    """The flow-matching velocity eps - x_0 at s = t / 1000, with x_0 as in vp_model."""
+    s = t / 1000.0
+    x = x.astype(np.float64)
+    x0 = 0.5 + (1 - s) * 0.25 * (x - (1 - s) * 0.5) / ((1 - s) ** 2 * 0.25 + s**2)
+    x0 = x0 + 0.1 * np.tanh(np.roll(x, 1, axis=-1) * (1 + s))
+    eps = (x - (1 - s) * x0) / max(s, 1e-3)
+    return (eps - x0).astype(np.float32)
 
 
-def run_diffusers(scheduler, denoise, x_T: np.ndarray, step_kwargs=lambda i: {}) -> np.ndarray:
-    """Returns the final sample of diffusers' loop: model, then scheduler.step, per timestep."""
-    x = torch.from_numpy(x_T)
-    for i, t in enumerate(scheduler.timesteps):
-        eps = torch.from_numpy(denoise(x.numpy(), int(t), COND))
-        x = scheduler.step(eps, t, x, **step_kwargs(i)).prev_sample
-    return x.numpy()
+class TorchNoise:
+    """A noise source that draws what diffusers' schedulers draw: torch.randn from a seeded
+    CPU generator, in the same order and dtype."""
+
+    def __init__(self, seed: int, dtype=torch.float32):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = dtype
+
+    def standard_normal(self, shape) -> np.ndarray:
+        return torch.randn(tuple(shape), generator=self.generator, dtype=self.dtype).numpy()
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray, rtol: float = RTOL, atol: float = ATOL):
-    assert ours.dtype == np.float32 and ours.shape == ref.shape
-    assert np.abs(ref).max() > 0.1  # not a collapse to zero that anything would match
-    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol)
+# the dtype of the noise each scheduler draws when fed float64 samples (diffusers_loop):
+# the model output's, except DPM-Solver's SDE and the flow-matching scheduler (float32)
+NOISE_DTYPE = {"DPMSolverMultistepScheduler": torch.float32, "FlowMatchEulerDiscreteScheduler": torch.float32}
 
 
-# --- DDIM -------------------------------------------------------------------------------
+def diffusers_loop(scheduler, model, x_T: torch.Tensor, steps: int, seed: int, set_kwargs=None, eta=None,
+                   patch=None):
+    """The loop of diffusers' pipelines: init_noise_sigma, scale_model_input, model, step
+    (with the seeded generator, and eta for DDIM); returns the final sample. The sample and
+    the model outputs are float64 tensors: the schedulers that do not cast the sample to
+    float32 themselves (DDIM, DDPM, PNDM, Heun, UniPC) then step in float64 too, so that
+    their float32 rounding at large noise levels (|x| ~ 60 at sigma 14.6) stays out of the
+    comparison; their schedule (alphas_cumprod, sigmas) stays float32 unless `patch` (called
+    after set_timesteps) replaces it."""
+    scheduler.set_timesteps(steps, **(set_kwargs or {}))
+    if patch is not None:
+        patch(scheduler)
+    generator = torch.Generator().manual_seed(seed)
+    accepts = inspect.signature(scheduler.step).parameters
+    kwargs = {"generator": generator} if "generator" in accepts else {}
+    if eta is not None:
+        kwargs["eta"] = eta
+    x = x_T.double() * getattr(scheduler, "init_noise_sigma", 1.0)  # the flow-matching scheduler has neither
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in scheduler.timesteps:
+            out = model(scale(x, t).numpy(), float(t))
+            x = scheduler.step(torch.from_numpy(out.astype(np.float64)), t, x, **kwargs).prev_sample
+    return x.numpy().astype(np.float32)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("spacing,steps,offset", [s for s in STEPPINGS if s[:2] != ("trailing", 30)
-                                                  and s[0] != "linspace"])
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_ddim_matches_diffusers(kind, spacing, steps, offset, eta):
-    alphas_cumprod = SCHEDULES[kind].alphas_cumprod()
-    timesteps = make_timesteps(T, steps, spacing, steps_offset=offset)
-    # DDIMScheduler steps t -> t - T // steps; here that is the next element of timesteps.
-    assert np.array_equal(timesteps[1:], timesteps[:-1] - T // steps)
-    denoise, x_T, rng = make_denoise(alphas_cumprod), noise(), RecordingRng(1)
+def compare(config: dict, fields: dict, steps: int, sampler: str | None = None, eta: float | None = None,
+            seed: int = 7, float64_schedule: bool = False):
+    """Runs ours and diffusers' (from_config of `config` with `fields`); returns
+    (ours, theirs, plan, scheduler). float64_schedule: diffusers gets our float64 schedule
+    (DDIM its alphas_cumprod, the others their sigmas), so that only the stepping is
+    compared (the schedules are compared on their own, to float32 precision)."""
+    resolved = resolve_scheduler(config, sampler, fields)
+    scheduler = getattr(diffusers, resolved.class_name).from_config(config, **fields)
+    plan = plan_sampling(resolved, steps)
+    if resolved.class_name == "DDIMScheduler" and float64_schedule:
+        scheduler.alphas_cumprod = torch.from_numpy(resolved.schedule().alphas_cumprod())
+        scheduler.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64) if resolved.fields[
+            "set_alpha_to_one"] else scheduler.alphas_cumprod[0]
 
-    ours = sample_ddim(denoise, x_T, COND, alphas_cumprod, timesteps, rng, eta=eta)
+    def patch(s):
+        if len(plan.sigmas):
+            # diffusers' float32 sigmas: sqrt((1 - a) / a) of float32 a near 1 keeps ~eps32 / (2 (1 - a)),
+            # up to ~3.5e-5 relative at the first training timestep of Stable Diffusion's schedule
+            np.testing.assert_allclose(plan.sigmas, s.sigmas.numpy(), rtol=5e-5, atol=1e-9)
+            if float64_schedule:
+                s.sigmas = torch.from_numpy(plan.sigmas)
 
-    scheduler = scheduler_with(DDIMScheduler, kind, alphas_cumprod, clip_sample=False,
-                               set_alpha_to_one=True, timestep_spacing=spacing, steps_offset=offset)
-    scheduler.set_timesteps(steps)
-    assert np.array_equal(scheduler.timesteps.numpy(), timesteps)
-    # our sampler draws no noise at the last step, where sigma_t = 0; diffusers' is multiplied by 0
-    assert len(rng.draws) == (steps - 1 if eta > 0 else 0)
-    draws = [torch.from_numpy(z.astype(np.float32)) for z in rng.draws] + [torch.zeros(SHAPE)]
-    ref = run_diffusers(scheduler, denoise, x_T,
-                        lambda i: {"eta": eta, "variance_noise": draws[i] if eta > 0 else None})
-    assert_close(ours, ref)
-
-
-@pytest.mark.parametrize("spacing,steps,offset", [("linspace", 10, 0), ("linspace", 25, 0),
-                                                  ("trailing", 30, 0)])
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_ddim_on_non_uniform_timesteps(kind, spacing, steps, offset, monkeypatch):
-    """Where the stride varies DDIMScheduler (t -> t - T // steps) cannot serve; two peers that
-    take custom timesteps can: first-order DPM-Solver++ is DDIM with eta = 0 (Lu et al. 2022,
-    and diffusers' docstring), and the DDPM posterior step is DDIM with eta = 1 (Song et al.
-    2021, eq. 16)."""
-    alphas_cumprod = SCHEDULES[kind].alphas_cumprod()
-    timesteps = make_timesteps(T, steps, spacing, steps_offset=offset)
-    assert not np.array_equal(timesteps[1:], timesteps[:-1] - T // steps)
-    denoise, x_T = make_denoise(alphas_cumprod), noise()
-
-    ours = sample_ddim(denoise, x_T, COND, alphas_cumprod, timesteps, np.random.default_rng(1), eta=0.0)
-    scheduler = scheduler_with(DPMSolverMultistepScheduler, kind, alphas_cumprod, solver_order=1,
-                               algorithm_type="dpmsolver++", final_sigmas_type="zero")
-    scheduler.set_timesteps(timesteps=timesteps.tolist())
-    assert_close(ours, run_diffusers(scheduler, denoise, x_T))
-
-    rng = RecordingRng(1)
-    ours = sample_ddim(denoise, x_T, COND, alphas_cumprod, timesteps, rng, eta=1.0)
-    feed_ddpm_noise(monkeypatch, rng.draws)
-    scheduler = scheduler_with(DDPMScheduler, kind, alphas_cumprod, clip_sample=False,
-                               variance_type="fixed_small")
-    scheduler.set_timesteps(timesteps=timesteps.tolist())
-    assert_close(ours, run_diffusers(scheduler, denoise, x_T))
-
-
-# --- DDPM -------------------------------------------------------------------------------
-
-
-def feed_ddpm_noise(monkeypatch, draws: list[np.ndarray]) -> list:
-    """Makes diffusers' DDPM step take our draws, in order, instead of torch.randn; returns the
-    list of shapes it asked for. Its step adds noise whenever t > 0, the last step included
-    (times sqrt(1e-20), its clamp of a zero variance): that extra draw gets zeros."""
-    calls = []
-
-    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
-        z = draws[len(calls)] if len(calls) < len(draws) else np.zeros(shape)
-        calls.append(tuple(shape))
-        return torch.from_numpy(np.asarray(z)).to(dtype)
-
-    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", randn_tensor)
-    return calls
-
-
-@pytest.mark.parametrize("spacing,steps,offset", STEPPINGS)
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_ddpm_matches_diffusers(kind, spacing, steps, offset, monkeypatch):
-    alphas_cumprod = SCHEDULES[kind].alphas_cumprod()
-    timesteps = make_timesteps(T, steps, spacing, steps_offset=offset)
-    denoise, x_T, rng = make_denoise(alphas_cumprod), noise(), RecordingRng(1)
-
-    ours = sample_ddpm(denoise, x_T, COND, alphas_cumprod, timesteps, rng)
-
-    assert len(rng.draws) == steps - 1  # no noise at the last step
-    calls = feed_ddpm_noise(monkeypatch, rng.draws)
-    scheduler = scheduler_with(DDPMScheduler, kind, alphas_cumprod, clip_sample=False,
-                               variance_type="fixed_small")
-    scheduler.set_timesteps(timesteps=timesteps.tolist())
-    ref = run_diffusers(scheduler, denoise, x_T)
-    assert len(calls) == len(rng.draws) + int(timesteps[-1] > 0)
-    assert_close(ours, ref)
-
-
-# --- DPM-Solver++(2M) -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("spacing,steps,offset", STEPPINGS)
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_dpmpp_2m_matches_diffusers(kind, spacing, steps, offset):
-    alphas_cumprod = SCHEDULES[kind].alphas_cumprod()
-    timesteps = make_timesteps(T, steps, spacing, steps_offset=offset)
-    denoise, x_T = make_denoise(alphas_cumprod), noise()
-
-    ours = sample_dpmpp_2m(denoise, x_T, COND, alphas_cumprod, timesteps, np.random.default_rng(1))
-
-    scheduler = scheduler_with(DPMSolverMultistepScheduler, kind, alphas_cumprod,
-                               algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-                               lower_order_final=True, final_sigmas_type="zero")
-    scheduler.set_timesteps(timesteps=timesteps.tolist())
-    assert_close(ours, run_diffusers(scheduler, denoise, x_T))
-
-
-# --- End to end: diffusers with its own float32 schedule --------------------------------
-
-
-@pytest.mark.parametrize("name", SAMPLERS)
-@pytest.mark.parametrize("kind", SCHEDULES)
-def test_samplers_match_diffusers_with_its_own_schedule(kind, name, monkeypatch):
-    """Schedule and sampler together against diffusers as users run it: its alphas_cumprod is
-    a float32 cumprod, whose ~1e-6 relative error the x_0 prediction at t near T amplifies,
-    hence the looser tolerance."""
-    alphas_cumprod = SCHEDULES[kind].alphas_cumprod()
-    timesteps = make_timesteps(T, 25, "leading")
-    denoise, x_T, rng = make_denoise(alphas_cumprod), noise(), RecordingRng(1)
-    if name == "ddim":
-        ours = sample_ddim(denoise, x_T, COND, alphas_cumprod, timesteps, rng)
-        scheduler = scheduler_with(DDIMScheduler, kind, None, clip_sample=False, set_alpha_to_one=True)
-        scheduler.set_timesteps(25)
-    elif name == "ddpm":
-        ours = sample_ddpm(denoise, x_T, COND, alphas_cumprod, timesteps, rng)
-        feed_ddpm_noise(monkeypatch, rng.draws)
-        scheduler = scheduler_with(DDPMScheduler, kind, None, clip_sample=False)
-        scheduler.set_timesteps(timesteps=timesteps.tolist())
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    if resolved.is_flow:
+        model, prediction = flow_model, "flow"
     else:
-        ours = sample_dpmpp_2m(denoise, x_T, COND, alphas_cumprod, timesteps, rng)
-        scheduler = scheduler_with(DPMSolverMultistepScheduler, kind, None)
-        scheduler.set_timesteps(timesteps=timesteps.tolist())
-    assert_close(ours, run_diffusers(scheduler, denoise, x_T), rtol=0, atol=5e-5)
+        pred = resolved.fields["prediction_type"]
+        model, prediction = vp_model(pred, resolved.schedule().alphas_cumprod()), PREDICTIONS[pred]
+    theirs = diffusers_loop(scheduler, model, x_T, steps, seed, eta=eta, patch=patch)
+    denoiser = Denoiser(lambda x, t, cond, sigma: model(x, t), None, prediction)
+    noise = TorchNoise(seed, NOISE_DTYPE.get(resolved.class_name, torch.float64))
+    ours = run_plan(plan, denoiser, x_T.numpy(), noise, eta=eta)
+    return ours, theirs, plan, scheduler
 
 
-# --- Contract ---------------------------------------------------------------------------
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    assert np.abs(theirs).max() > 0.1  # not a collapse to zero that anything would match
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-ALPHAS_CUMPROD = SCHEDULES["linear"].alphas_cumprod()
-TIMESTEPS = make_timesteps(T, 10, "leading")
+PNDM_SD15 = {"_class_name": "PNDMScheduler", **SD, "set_alpha_to_one": False, "skip_prk_steps": True,
+             "steps_offset": 1, "clip_sample": False, "trained_betas": None}
+DDIM_LINEAR = {"_class_name": "DDIMScheduler", **LINEAR, "clip_sample": False}
+V = {"prediction_type": "v_prediction"}
+ZERO_SNR = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+
+# (id, scheduler class the config is switched to, config fields)
+CASES = [
+    ("ddim", "DDIMScheduler", {}),
+    ("ddim-trailing", "DDIMScheduler", {"timestep_spacing": "trailing"}),
+    ("ddim-linspace", "DDIMScheduler", {"timestep_spacing": "linspace", "set_alpha_to_one": True}),
+    ("ddim-v", "DDIMScheduler", V),
+    ("ddim-x0", "DDIMScheduler", {"prediction_type": "sample"}),
+    ("ddim-clip", "DDIMScheduler", {"clip_sample": True, "clip_sample_range": 0.8}),
+    ("ddim-threshold", "DDIMScheduler", {"thresholding": True, "dynamic_thresholding_ratio": 0.9,
+                                         "sample_max_value": 1.5}),
+    ("ddim-zero-snr", "DDIMScheduler", ZERO_SNR),
+    ("ddim-trained-betas", "DDIMScheduler", {"trained_betas": list(np.linspace(2e-4, 0.03, 1000))}),
+    ("ddim-cosine", "DDIMScheduler", {"beta_schedule": "squaredcos_cap_v2", "steps_offset": 0}),
+    ("ddpm", "DDPMScheduler", {}),
+    ("ddpm-fixed-large", "DDPMScheduler", {"variance_type": "fixed_large", "timestep_spacing": "trailing"}),
+    ("ddpm-fixed-small-log", "DDPMScheduler", {"variance_type": "fixed_small_log"}),
+    ("ddpm-clip-v", "DDPMScheduler", {"clip_sample": True, **V}),
+    ("ddpm-threshold", "DDPMScheduler", {"thresholding": True, "timestep_spacing": "linspace"}),
+    ("pndm-plms", "PNDMScheduler", {}),
+    ("pndm-prk", "PNDMScheduler", {"skip_prk_steps": False}),
+    ("pndm-v", "PNDMScheduler", V),
+    ("pndm-trailing-alpha-one", "PNDMScheduler", {"timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    ("pndm-prk-linspace", "PNDMScheduler", {"timestep_spacing": "linspace", "skip_prk_steps": False}),
+    ("euler", "EulerDiscreteScheduler", {}),
+    ("euler-linspace", "EulerDiscreteScheduler", {"timestep_spacing": "linspace"}),
+    ("euler-trailing", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("euler-karras", "EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("euler-karras-bounds", "EulerDiscreteScheduler", {"use_karras_sigmas": True, "sigma_min": 0.05,
+                                                       "sigma_max": 10.0}),
+    ("euler-exponential", "EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    ("euler-sigma-min", "EulerDiscreteScheduler", {"final_sigmas_type": "sigma_min"}),
+    ("euler-v", "EulerDiscreteScheduler", V),
+    ("euler-v-continuous", "EulerDiscreteScheduler", {**V, "timestep_type": "continuous"}),
+    ("euler-x0", "EulerDiscreteScheduler", {"prediction_type": "sample"}),
+    ("euler-zero-snr", "EulerDiscreteScheduler", ZERO_SNR),
+    ("euler-ancestral", "EulerAncestralDiscreteScheduler", {}),
+    ("euler-ancestral-trailing-v", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing", **V}),
+    ("euler-ancestral-zero-snr", "EulerAncestralDiscreteScheduler", ZERO_SNR),
+    ("heun", "HeunDiscreteScheduler", {}),
+    ("heun-karras", "HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    ("heun-clip-x0", "HeunDiscreteScheduler", {"clip_sample": True, "prediction_type": "sample"}),
+    ("heun-v-trailing", "HeunDiscreteScheduler", {**V, "timestep_spacing": "trailing"}),
+    ("dpmpp-2m", "DPMSolverMultistepScheduler", {}),
+    ("dpmpp-2m-karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("dpmpp-2m-sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("dpmpp-2m-sde-karras", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                            "use_karras_sigmas": True}),
+    ("dpmpp-2m-heun", "DPMSolverMultistepScheduler", {"solver_type": "heun"}),
+    ("dpmpp-2m-sde-heun", "DPMSolverMultistepScheduler", {"solver_type": "heun", "algorithm_type": "sde-dpmsolver++"}),
+    ("dpmpp-3m", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("dpmpp-3m-sde", "DPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+    ("dpmpp-1", "DPMSolverMultistepScheduler", {"solver_order": 1}),
+    ("dpmpp-leading", "DPMSolverMultistepScheduler", {"timestep_spacing": "leading"}),
+    ("dpmpp-trailing", "DPMSolverMultistepScheduler", {"timestep_spacing": "trailing"}),
+    ("dpmpp-sigma-min", "DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}),
+    ("dpmpp-no-lower-order-final", "DPMSolverMultistepScheduler", {"lower_order_final": False,
+                                                                   "final_sigmas_type": "sigma_min"}),
+    ("dpmpp-euler-at-final", "DPMSolverMultistepScheduler", {"euler_at_final": True,
+                                                             "final_sigmas_type": "sigma_min"}),
+    ("dpmpp-lu-lambdas", "DPMSolverMultistepScheduler", {"use_lu_lambdas": True}),
+    ("dpmpp-lambda-min-clipped", "DPMSolverMultistepScheduler", {"lambda_min_clipped": -5.1}),
+    ("dpmpp-threshold", "DPMSolverMultistepScheduler", {"thresholding": True, "sample_max_value": 1.2}),
+    ("dpmpp-v", "DPMSolverMultistepScheduler", V),
+    ("dpmpp-x0", "DPMSolverMultistepScheduler", {"prediction_type": "sample"}),
+    ("dpmpp-zero-snr", "DPMSolverMultistepScheduler", ZERO_SNR),
+    ("unipc", "UniPCMultistepScheduler", {}),
+    ("unipc-karras", "UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    ("unipc-karras-sigma-min", "UniPCMultistepScheduler", {"use_karras_sigmas": True, "final_sigmas_type": "sigma_min",
+                                                           "sigma_min": 0.05}),
+    ("unipc-bh1", "UniPCMultistepScheduler", {"solver_type": "bh1", "final_sigmas_type": "sigma_min"}),
+    ("unipc-3", "UniPCMultistepScheduler", {"solver_order": 3}),
+    ("unipc-eps-3", "UniPCMultistepScheduler", {"predict_x0": False, "solver_order": 3,
+                                                "final_sigmas_type": "sigma_min"}),
+    ("unipc-disable-corrector", "UniPCMultistepScheduler", {"disable_corrector": [0, 2]}),
+    ("unipc-no-lower-order-final", "UniPCMultistepScheduler", {"lower_order_final": False,
+                                                               "final_sigmas_type": "sigma_min"}),
+    ("unipc-threshold-v", "UniPCMultistepScheduler", {"thresholding": True, **V}),
+    ("unipc-leading-offset", "UniPCMultistepScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+    ("unipc-zero-snr", "UniPCMultistepScheduler", ZERO_SNR),
+]
+SAMPLER_OF = {name: cls.sampler for name, cls in CLASSES.items()}
+# Cases where diffusers' float32 schedule moves the result by more than 1e-5, so that it gets
+# ours (float64): the cosine schedule's last betas are near 0.999, where float32 1 - beta keeps
+# few digits (alphas_cumprod off by up to ~1e-5); Heun on clipped x_0 predictions turns the
+# ~4e-7 relative error of diffusers' largest sigma into ~2e-5 of the result.
+FLOAT64_SCHEDULE = {"ddim-cosine", "heun-clip-x0"}
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+def sampler_name(cls: str, fields: dict) -> str:
+    if cls == "DPMSolverMultistepScheduler":
+        return "dpmpp-2m-sde" if fields.get("algorithm_type") == "sde-dpmsolver++" else "dpmpp-2m"
+    return SAMPLER_OF[cls]
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_sampler_matches_diffusers(case, steps):
+    name, cls, fields = case
+    base = DDIM_LINEAR if "cosine" in name or "trained" in name else PNDM_SD15
+    ours, theirs, plan, scheduler = compare(base, fields, steps, sampler_name(cls, fields),
+                                            float64_schedule=name in FLOAT64_SCHEDULE)
+    timesteps = scheduler.timesteps.numpy().astype(np.float64)
+    if cls in ("EulerDiscreteScheduler", "HeunDiscreteScheduler") and (
+            fields.get("use_karras_sigmas") or fields.get("use_exponential_sigmas")
+            or fields.get("timestep_type") == "continuous"):
+        # fractional timesteps from diffusers' float32 sigmas: they agree to ~1e-3 of a step
+        np.testing.assert_allclose(plan.timesteps, timesteps, rtol=0, atol=2e-3)
+    else:
+        np.testing.assert_array_equal(plan.timesteps, timesteps)
+    assert relative_error(ours, theirs) < TOLERANCE
+
+
+@pytest.mark.parametrize("steps", [16, 25])
+@pytest.mark.parametrize("fields", [{}, {"solver_order": 3}, {"solver_order": 3, "lower_order_final": False,
+                                                               "final_sigmas_type": "sigma_min"}],
+                         ids=["2m", "3m", "3m-no-lower-order-final"])
+@pytest.mark.parametrize("cls", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_multistep_solvers_with_15_steps_or_more(cls, fields, steps):
+    """From 15 steps DPM-Solver keeps its order to the end (lower_order_final applies below 15)."""
+    ours, theirs, _, _ = compare(PNDM_SD15, fields, steps, SAMPLER_OF[cls])
+    assert relative_error(ours, theirs) < TOLERANCE
+
+
+@pytest.mark.parametrize("eta", [0.3, 1.0])
+def test_ddim_eta_draws_diffusers_noise(eta):
+    """DDIM with eta > 0 draws at every step, the last included, as diffusers' DDIMScheduler."""
+    ours, theirs, _, _ = compare(PNDM_SD15, {}, 6, "ddim", eta=eta)
+    assert relative_error(ours, theirs) < TOLERANCE
+
+
+# --- flow matching -------------------------------------------------------------------------
+
+FLOW_CASES = [
+    ("plain", {}), ("shift-3", {"shift": 3.0}), ("shift-3.1", {"shift": 3.1}),
+    ("dynamic", {"use_dynamic_shifting": True}),
+    ("dynamic-linear", {"use_dynamic_shifting": True, "time_shift_type": "linear", "max_shift": 1.16}),
+    ("stochastic", {"shift": 3.0, "stochastic_sampling": True}),
+    ("shift-terminal", {"shift": 3.0, "shift_terminal": 0.02}),
+    ("karras", {"shift": 3.0, "use_karras_sigmas": True}),
+    ("exponential", {"shift": 3.0, "use_exponential_sigmas": True}),
+    ("inverted", {"shift": 2.0, "invert_sigmas": True}),
+]
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+@pytest.mark.parametrize("case", FLOW_CASES, ids=[c[0] for c in FLOW_CASES])
+def test_flow_euler_matches_flow_match_euler_discrete(case, steps):
+    """Velocity prediction, timestep s x 1000, shift or dynamic shifting by mu of the image's
+    token count (image_seq_len 1024 here), as diffusers' SD3 pipeline computes it."""
+    from cfg_export.runtime.schedule import calculate_shift
+
+    fields, seq = case[1], 1024
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **fields}
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(config)
+    set_kwargs = {}
+    if fields.get("use_dynamic_shifting"):
+        c = scheduler.config
+        set_kwargs["mu"] = calculate_shift(seq, c.base_image_seq_len, c.max_image_seq_len, c.base_shift, c.max_shift)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    theirs = diffusers_loop(scheduler, flow_model, x_T, steps, 9, set_kwargs)
+    resolved = resolve_scheduler(config)
+    plan = plan_sampling(resolved, steps, image_seq_len=seq)
+    np.testing.assert_array_equal(plan.timesteps, scheduler.timesteps.numpy().astype(np.float64))
+    ours = run_plan(plan, Denoiser(lambda x, t, c, sigma: flow_model(x, t), None, "flow"), x_T.numpy(),
+                    TorchNoise(9))
+    assert relative_error(ours, theirs) < TOLERANCE
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", [SD, LINEAR, {**LINEAR, "beta_schedule": "squaredcos_cap_v2"}])
+@pytest.mark.parametrize("zero_snr", [False, True])
+def test_alphas_cumprod_with_zero_snr_match_diffusers(kind, zero_snr):
+    """Lin et al. 2024, Algorithm 1: the last alphas_cumprod is 0 (diffusers' DDIM keeps it so;
+    its Euler and DPM-Solver set 2^-24 there, as our samplers do)."""
+    schedule = NoiseSchedule(kind["beta_schedule"], 1000, kind["beta_start"], kind["beta_end"],
+                             rescale_betas_zero_snr=zero_snr)
+    ref = diffusers.DDIMScheduler(**kind, rescale_betas_zero_snr=zero_snr).alphas_cumprod.numpy()
+    ours = schedule.alphas_cumprod()
+    np.testing.assert_allclose(ours, ref, rtol=3e-5, atol=1e-9)
+    assert (ours[-1] == 0) == zero_snr
+
+
+def test_trained_betas_schedule_matches_diffusers():
+    betas = np.linspace(2e-4, 0.03, 1000) ** 1.1
+    schedule = NoiseSchedule(num_train_timesteps=1000, trained_betas=betas)
+    ref = diffusers.DDIMScheduler(trained_betas=betas.tolist()).alphas_cumprod.numpy()
+    np.testing.assert_allclose(schedule.alphas_cumprod(), ref, rtol=3e-6)
+    assert NoiseSchedule.from_dict(schedule.to_dict()) == schedule
+
+
+# --- the core, and what every sampler promises ---------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "flow"])
+def test_denoiser_reads_each_prediction_type(prediction):
+    """x = alpha x0 + sigma eps; v = alpha eps - sigma x0 (VP); velocity = eps - x0 (flow)."""
+    rng = np.random.default_rng(0)
+    x0, eps = rng.standard_normal((2, 3, 2, 4))
+    alpha, sigma = (0.6, 0.8) if prediction != "flow" else (0.3, 0.7)
+    x = alpha * x0 + sigma * eps
+    out = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "flow": eps - x0}[prediction]
+    got_x0, got_eps = Denoiser(None, None, prediction).split(out, x, alpha, sigma)
+    np.testing.assert_allclose(got_x0, x0, atol=1e-12)
+    np.testing.assert_allclose(got_eps, eps, atol=1e-12)
+
+
+def test_dynamic_threshold_matches_diffusers():
+    from cfg_export.runtime.samplers.core import dynamic_threshold
+
+    x0 = np.random.default_rng(1).standard_normal((3, 4, 5, 5)) * np.array([0.3, 2.0, 6.0])[:, None, None, None]
+    ref = diffusers.DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=4.0)
+    np.testing.assert_allclose(dynamic_threshold(x0, 0.9, 4.0), ref._threshold_sample(torch.from_numpy(x0)).numpy(),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_rescale_matches_diffusers():
+    from diffusers.guiders.guider_utils import rescale_noise_cfg
+
+    from cfg_export.runtime.guidance import rescale
+
+    rng = np.random.default_rng(2)
+    guided, cond = rng.standard_normal((2, 3, 4, 6, 6)) * np.array([1.0, 3.0])[:, None, None, None, None]
+    theirs = rescale_noise_cfg(torch.from_numpy(guided), torch.from_numpy(cond), guidance_rescale=0.7).numpy()
+    np.testing.assert_allclose(rescale(guided, cond, 0.7), theirs, rtol=1e-12)
+
+
+ANY_SAMPLER = [(s, {}) for s in ("ddim", "ddpm", "pndm", "euler", "euler-ancestral", "heun", "dpmpp-2m",
+                                 "dpmpp-2m-sde", "unipc")]
+
+
+def run_sampler(sampler, shape=SHAPE, noise=None, callback=None, model=None, steps=5):
+    resolved = resolve_scheduler(PNDM_SD15, sampler)
+    f = model or vp_model("epsilon", resolved.schedule().alphas_cumprod())
+    x_T = np.random.default_rng(0).standard_normal(shape)
+    plan = plan_sampling(resolved, steps)
+    out = run_plan(plan, Denoiser(lambda x, t, c, sigma: f(x, t), None, "eps"), x_T, noise, callback)
+    return out, plan
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 16), (2, 5, 4), (3, 7)], ids=["N,C,L", "N,L,D", "N,D"])
-def test_output_is_float32_of_x_shape(name, shape):
-    x_T = noise(0, shape).astype(np.float64)  # float64 in, float32 out
-    out = get_sampler(name)(make_denoise(ALPHAS_CUMPROD), x_T, COND, ALPHAS_CUMPROD, TIMESTEPS,
-                            np.random.default_rng(0))
+@pytest.mark.parametrize("sampler", [s for s, _ in ANY_SAMPLER])
+def test_output_is_float32_of_x_shape(sampler, shape):
+    out, _ = run_sampler(sampler, shape, np.random.default_rng(0))
     assert out.dtype == np.float32 and out.shape == shape and np.all(np.isfinite(out))
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_callback_sees_every_step(name):
+@pytest.mark.parametrize("sampler", [s for s, _ in ANY_SAMPLER])
+def test_callback_sees_every_model_call(sampler):
     seen = []
-    out = get_sampler(name)(make_denoise(ALPHAS_CUMPROD), noise(), COND, ALPHAS_CUMPROD, TIMESTEPS,
-                            np.random.default_rng(0), lambda i, t, x: seen.append((i, t, x)))
-    assert [(i, t) for i, t, _ in seen] == list(enumerate(TIMESTEPS.tolist()))
+    out, plan = run_sampler(sampler, noise=np.random.default_rng(0), callback=lambda i, t, x: seen.append((i, t, x)))
+    assert [(i, t) for i, t, _ in seen] == list(enumerate(plan.timesteps.tolist()))
     assert all(x.dtype == np.float32 and x.shape == SHAPE for _, _, x in seen)
     np.testing.assert_array_equal(seen[-1][2], out)
 
 
-@pytest.mark.parametrize("sampler,kwargs", [(sample_ddpm, {}), (sample_ddim, {"eta": 1.0})])
-def test_seed_decides_the_noise(sampler, kwargs):
+@pytest.mark.parametrize("sampler", ["ddpm", "euler-ancestral", "dpmpp-2m-sde"])
+def test_seed_decides_the_noise(sampler):
     def run(seed):
-        return sampler(make_denoise(ALPHAS_CUMPROD), noise(), COND, ALPHAS_CUMPROD, TIMESTEPS,
-                       np.random.default_rng(seed), **kwargs)
+        return run_sampler(sampler, noise=np.random.default_rng(seed))[0]
 
     np.testing.assert_array_equal(run(7), run(7))
     assert np.abs(run(7) - run(8)).max() > 1e-3
 
 
-@pytest.mark.parametrize("sampler,kwargs", [(sample_dpmpp_2m, {}), (sample_ddim, {"eta": 0.0})])
-def test_deterministic_samplers_leave_rng_alone(sampler, kwargs):
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "heun", "dpmpp-2m", "unipc"])
+def test_deterministic_samplers_draw_no_noise(sampler):
     rng = np.random.default_rng(0)
     before = rng.bit_generator.state
-    sampler(make_denoise(ALPHAS_CUMPROD), noise(), COND, ALPHAS_CUMPROD, TIMESTEPS, rng, **kwargs)
+    run_sampler(sampler, noise=rng)
     assert rng.bit_generator.state == before
+    run_sampler(sampler, noise=None)  # and need no source
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_nan_or_inf_names_sampler_and_step(name):
-    denoise = make_denoise(ALPHAS_CUMPROD)
-    bad_t = int(TIMESTEPS[3])
+@pytest.mark.parametrize("sampler", [s for s, _ in ANY_SAMPLER])
+def test_nan_or_inf_names_sampler_and_step(sampler):
+    _, plan = run_sampler(sampler, noise=np.random.default_rng(0))
+    bad_t = float(plan.timesteps[2])
+    base = vp_model("epsilon", resolve_scheduler(PNDM_SD15).schedule().alphas_cumprod())
 
-    def exploding(x, t, cond):
-        eps = denoise(x, t, cond)
-        return np.full_like(eps, np.inf) if t == bad_t else eps
+    calls = []
 
-    expected = f"{name}: NaN or Inf in the sample at step 4/10 (t={bad_t}), made by the sampler's update"
-    with pytest.raises(CfgExportError, match=re.escape(expected)):
-        get_sampler(name)(exploding, noise(), COND, ALPHAS_CUMPROD, TIMESTEPS, np.random.default_rng(0))
+    def exploding(x, t):
+        calls.append(t)
+        return np.full_like(x, np.inf) if len(calls) == 3 else base(x, t)
+
+    with pytest.raises(CfgExportError, match=re.escape(f"{sampler}: NaN or Inf in the sample at step 3/{len(plan)} "
+                                                       f"(t={bad_t:g}), made by the sampler's update")):
+        run_sampler(sampler, noise=np.random.default_rng(0), model=exploding)
+
+
+def test_model_output_of_the_wrong_shape():
+    with pytest.raises(CfgExportError, match=re.escape("the model returned shape (2, 1, 8, 8) at t=801, expected the "
+                                                       "sample's shape (2, 3, 8, 8)")):
+        run_sampler("ddim", model=lambda x, t: x[:, :1])
 
 
 def test_samplers_never_import_torch():
-    code = "import sys, cfg_export.runtime.samplers; assert 'torch' not in sys.modules, 'runtime.samplers imported torch'"
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, cfg_export.runtime.samplers; assert 'torch' not in sys.modules, 'samplers imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
-
-
-def test_registry_and_unknown_sampler():
-    assert SAMPLERS == {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m}
-    assert get_sampler("dpmpp-2m") is sample_dpmpp_2m
-    with pytest.raises(CfgExportError, match=r"sampler: got 'euler', expected one of ddpm, ddim, dpmpp-2m"):
-        get_sampler("euler")
 
 
 @pytest.mark.parametrize("eta", [-0.1, 1.5])
 def test_ddim_eta_out_of_range(eta):
+    resolved = resolve_scheduler(PNDM_SD15, "ddim")
     with pytest.raises(CfgExportError, match=rf"ddim: eta must be in \[0, 1\].*got {eta}"):
-        sample_ddim(make_denoise(ALPHAS_CUMPROD), noise(), COND, ALPHAS_CUMPROD, TIMESTEPS,
-                    np.random.default_rng(0), eta=eta)
-
-
-@pytest.mark.parametrize("timesteps", [TIMESTEPS[::-1], np.array([1000, 500]), np.array([], dtype=np.int64),
-                                       np.array([900.0, 100.0])], ids=["increasing", "beyond T-1", "empty", "float"])
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_bad_timesteps(name, timesteps):
-    with pytest.raises(CfgExportError, match=rf"{name}: timesteps must be .* in 0\.\.999, got .*make_timesteps"):
-        get_sampler(name)(make_denoise(ALPHAS_CUMPROD), noise(), COND, ALPHAS_CUMPROD, timesteps,
-                          np.random.default_rng(0))
-
-
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_eps_of_the_wrong_shape(name):
-    def denoise(x, t, cond):
-        return x[:, :1]
-
-    with pytest.raises(CfgExportError, match=re.escape(
-            f"{name}: denoise returned eps of shape (2, 1, 8, 8) at t={TIMESTEPS[0]}, expected x's shape (2, 3, 8, 8)")):
-        get_sampler(name)(denoise, noise(), COND, ALPHAS_CUMPROD, TIMESTEPS, np.random.default_rng(0))
+        run_plan(plan_sampling(resolved, 3), Denoiser(None, None, "eps"), np.zeros(SHAPE), eta=eta)

@@ -56,11 +56,7 @@ def test_timesteps_match_ddim_scheduler(spacing, offset, steps):
     np.testing.assert_array_equal(timesteps, ref.timesteps.numpy())
 
 
-@pytest.mark.parametrize("spacing", [
-    "leading",
-    "trailing",  # np.arange(T, 0, -T / steps) yields steps + 1 values for steps 61, 103, ... of T=1000
-    "linspace",
-])
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
 @pytest.mark.parametrize("T", [1000, 50])
 def test_timesteps_for_every_step_count(spacing, T):
     """Every steps in 1..T gives `steps` strictly decreasing timesteps in 0..T-1."""
@@ -68,6 +64,24 @@ def test_timesteps_for_every_step_count(spacing, T):
         timesteps = make_timesteps(T, steps, spacing)
         assert timesteps.shape == (steps,), (steps, timesteps)
         assert np.all(np.diff(timesteps) < 0) and 0 <= timesteps[-1] and timesteps[0] <= T - 1
+
+
+@pytest.mark.parametrize("T", [1000, 50])
+def test_trailing_for_every_step_count(T):
+    """np.arange(T, 0, -T / steps) yields steps + 1 values for some counts (61, 103, ... of
+    T = 1000): diffusers then steps to t = -1. Those counts are refused; the others match."""
+    ref = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+    refused = []
+    for steps in range(1, T + 1):
+        ref.set_timesteps(steps)
+        if ref.timesteps.min() < 0:
+            with pytest.raises(CfgExportError, match=f"{steps} trailing steps of {T} training timesteps give "
+                                                     "diffusers one timestep too many"):
+                make_timesteps(T, steps, "trailing")
+            refused.append(steps)
+            continue
+        np.testing.assert_array_equal(make_timesteps(T, steps, "trailing"), ref.timesteps.numpy())
+    assert (T != 1000) or refused[:3] == [61, 103, 121]
 
 
 def test_offset_beyond_T():
