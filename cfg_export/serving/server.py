@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT = 180.0  # seconds for every model to load (one process per instance)
 STOP_TIMEOUT = 30.0
+DEFAULT_PORT = 8000
+DEFAULT_METRICS_PORT = 8002
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class TritonServer:
         self.binary: TritonBinary | None = None
         self._workdir: Path | None = None
         self._own_log: Path | None = None
+        self.remove_on_stop: Path | None = None  # a temporary repository folder, removed by stop()
 
     @property
     def url(self) -> str:
@@ -183,7 +186,8 @@ class TritonServer:
         env = {**os.environ, **self.binary.env}
         with open(log_path, "wb") as log_file:
             self.process = subprocess.Popen(self.command(), stdout=log_file, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                            preexec_fn=_stop_with_parent)
         log.info("started %s (%s) on %s, pid %d, log %s", self.binary.path, self.binary.origin, self.url,
                  self.process.pid, log_path)
         deadline = time.monotonic() + self.startup_timeout
@@ -232,6 +236,20 @@ class TritonServer:
         if self._own_log is not None:
             self._own_log.unlink(missing_ok=True)
             self._own_log = None
+        if self.remove_on_stop is not None:
+            shutil.rmtree(self.remove_on_stop, ignore_errors=True)
+            self.remove_on_stop = None
+
+
+def _stop_with_parent() -> None:
+    """In the server's process before exec (Linux): SIGTERM it when the process that
+    started it dies, so that no server outlives a killed client of this module."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _error_line(log_path: Path) -> str:
@@ -242,3 +260,27 @@ def _error_line(log_path: Path) -> str:
         return "no log"
     errors = [line for line in lines if line.startswith("E") or "error" in line.lower()]
     return (errors or lines or ["no output"])[-1][:500]
+
+
+def serve_artifact(artifact, repository: str | Path | None = None, options=None, port: int | None = None,
+                   metrics_port: int | None = None, log_path: str | Path | None = None,
+                   overwrite: bool = False) -> TritonServer:
+    """Returns a started TritonServer for the artifact (an Artifact or a folder): its
+    repository written at `repository` (default: a temporary folder removed at stop),
+    HTTP on 127.0.0.1:`port` (default 8000), metrics on `metrics_port` (default 8002).
+    options: the RepositoryOptions. Stop it with stop() (or use it in a `with` block)."""
+    from .repository import write_repository
+
+    temporary = repository is None
+    folder = Path(tempfile.mkdtemp(prefix="cfg-export-repo-")) / "repository" if temporary else Path(repository)
+    try:
+        write_repository(artifact, folder, options, overwrite=overwrite)
+        server = TritonServer(folder, port=DEFAULT_PORT if port is None else port,
+                              metrics_port=DEFAULT_METRICS_PORT if metrics_port is None else metrics_port,
+                              metrics=True, log_path=log_path)
+        server.remove_on_stop = folder.parent if temporary else None
+        return server.start()
+    except BaseException:
+        if temporary:
+            shutil.rmtree(folder.parent, ignore_errors=True)
+        raise
