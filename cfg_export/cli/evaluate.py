@@ -34,9 +34,11 @@ def eval_command(directory, ws, per_class, steps, sampler, seed, classifier, ref
         rows = evaluate_guidance(directory, parse_list(ws, float, "--w", "0,1,3"), per_class=per_class, steps=steps,
                                  sampler=sampler, seed=seed, classifier=classifier, reference=reference,
                                  progress=bar)
-    say(f"{'w':>5} {'accuracy':>9} {'IS analog':>10} {'Frechet':>9}  ({rows[0].samples} samples per w)")
+    say(f"{rows[0].samples} samples per w; [95% bootstrap intervals]")
+    say(f"{'w':>5}  {'accuracy':<21} {'IS analog':<21} {'Frechet distance':<21} {'rows/img':>8} {'s/img':>7}")
     for r in rows:
-        say(f"{r.w:>5g} {r.accuracy:>9.3f} {r.inception_score:>10.3f} {r.frechet_distance:>9.2f}")
+        say(f"{r.w:>5g}  {r.accuracy:<21.3f} {r.inception_score:<21.3f} {r.frechet_distance:<21.2f} "
+            f"{r.rows_per_image:>8.1f} {r.seconds_per_image:>7.4f}")
     if json_path:
         say(f"wrote {write_json(rows_to_dicts(rows), json_path)}")
     if plot_path:

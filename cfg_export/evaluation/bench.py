@@ -103,8 +103,9 @@ class TwoPassDenoiser(GuidedDenoiser):
     def __call__(self, x: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
         x32 = x.astype(np.float32)
         timestep = np.full(len(x), t, dtype=self.manifest.facts.timestep_dtype)
-        eps_c = self._run({"sample": x32, "timestep": timestep, "cond": cond})
-        eps_u = self._run({"sample": x32, "timestep": timestep, "cond": np.ascontiguousarray(self.null)})
+        eps_c = self.model._run({"sample": x32, "timestep": timestep, "cond": cond})
+        eps_u = self.model._run({"sample": x32, "timestep": timestep,
+                                 "cond": np.ascontiguousarray(self.model.nulls["cond"])})
         return to_eps(mix(eps_c, eps_u, self.w_at(t)), x, float(self.alphas_cumprod[t]),
                       self.manifest.facts.prediction)
 

@@ -10,12 +10,13 @@ Needs no torch: sampling runs in the runtime, the classifier in ONNX Runtime.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from cfg_export.evaluation.stats import Estimate, frechet_distance, inception_score, score  # noqa: F401
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.backends import open_backend
 from cfg_export.runtime.errors import CfgExportError, require
@@ -35,33 +36,17 @@ DEFAULT_REFERENCE = ROOT / "examples" / "digits" / "classifier" / "real_features
 @dataclass
 class EvalRow:
     w: float
-    accuracy: float  # share of samples the classifier assigns to the asked class
-    inception_score: float  # exp(E[KL(p(y|x) || p(y))]), from 1 (useless) to num_classes
-    frechet_distance: float  # between classifier features of samples and of real data
+    accuracy: Estimate  # share of samples the classifier assigns to the asked class
+    inception_score: Estimate  # exp(E[KL(p(y|x) || p(y))]), from 1 (useless) to num_classes
+    frechet_distance: Estimate  # between classifier features of samples and of real data
     samples: int
+    rows_per_image: float = 0.0  # model rows evaluated per image over the whole trajectory
+    seconds_per_image: float = 0.0  # sampling wall time per image
 
-
-def inception_score(probs: np.ndarray) -> float:
-    """Returns exp(E_x[KL(p(y|x) || p(y))]) for class probabilities [N, K]."""
-    probs = np.clip(probs.astype(np.float64), 1e-12, 1.0)
-    marginal = probs.mean(0, keepdims=True)
-    return float(np.exp(np.mean(np.sum(probs * (np.log(probs) - np.log(marginal)), axis=1))))
-
-
-def frechet_distance(mean1: np.ndarray, cov1: np.ndarray, mean2: np.ndarray, cov2: np.ndarray) -> float:
-    """Returns ||m1 - m2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)), with tr((C1 C2)^(1/2))
-    computed as the sum of sqrt of the eigenvalues of C1^(1/2) C2 C1^(1/2) (symmetric PSD)."""
-    values, vectors = np.linalg.eigh(cov1)
-    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    middle = np.linalg.eigvalsh(root1 @ cov2 @ root1)
-    trace_root = np.sum(np.sqrt(np.clip(middle, 0, None)))
-    return float(np.sum((mean1 - mean2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * trace_root)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+    def to_dict(self) -> dict:
+        return {"w": self.w, "accuracy": self.accuracy.to_dict(), "inception_score": self.inception_score.to_dict(),
+                "frechet_distance": self.frechet_distance.to_dict(), "samples": self.samples,
+                "rows_per_image": self.rows_per_image, "seconds_per_image": self.seconds_per_image}
 
 
 def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | None = None, *,
@@ -100,28 +85,26 @@ def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | N
     rows = []
     with open_backend(artifact, backend) as runner:
         for i, w in enumerate(ws):
-            samples = sample_guided(artifact, labels, float(w), steps=steps, sampler=sampler, seed=seed, noise=noise,
-                                    backend=runner, progress=scaled(progress, i * steps, len(ws) * steps)).samples
-            rows.append(_score(session, image_name, samples, labels, num_classes, stats, float(w)))
+            result = sample_guided(artifact, labels, float(w), steps=steps, sampler=sampler, seed=seed, noise=noise,
+                                   backend=runner, progress=scaled(progress, i * steps, len(ws) * steps))
+            row = _score(session, image_name, result.samples, labels, num_classes, stats, float(w))
+            row.rows_per_image = result.rows / len(labels)
+            row.seconds_per_image = sum(result.step_seconds) / len(labels)
+            rows.append(row)
             log.info("w=%g: %s", w, rows[-1])
     return rows
 
 
 def _score(session, image_name: str, samples: np.ndarray, labels: np.ndarray, num_classes: int, stats,
            w: float) -> EvalRow:
-    """Scores one sample set with the classifier session."""
-    logits, features = session.run(["logits", "features"], {image_name: samples})
+    """Scores one sample set with the classifier session (bootstrap intervals)."""
+    logits, features = session.run(["logits", "features"], {image_name: samples.astype(np.float32)})
     if logits.shape[1] != num_classes:
         raise CfgExportError(f"classifier gives {logits.shape[1]} classes, the model has {num_classes}")
-    features = features.astype(np.float64)
-    return EvalRow(
-        w=w,
-        accuracy=float((logits.argmax(1) == labels).mean()),
-        inception_score=inception_score(_softmax(logits.astype(np.float64))),
-        frechet_distance=frechet_distance(features.mean(0), np.cov(features, rowvar=False),
-                                          stats["mean"], stats["cov"]),
-        samples=len(labels))
+    quality = score(logits, features, labels, stats["mean"], stats["cov"])
+    return EvalRow(w=w, accuracy=quality.accuracy, inception_score=quality.inception_score,
+                   frechet_distance=quality.frechet_distance, samples=len(labels))
 
 
-def rows_to_dicts(rows: Sequence) -> list[dict]:
-    return [asdict(r) for r in rows]
+def rows_to_dicts(rows: Sequence[EvalRow]) -> list[dict]:
+    return [r.to_dict() for r in rows]

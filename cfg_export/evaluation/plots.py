@@ -31,11 +31,13 @@ def plot_tradeoff(rows: Sequence, path: str | Path) -> Path:
     plt = _pyplot()
     ws = [r.w for r in rows]
     fig, left = plt.subplots(figsize=(6, 4), dpi=120)
-    left.plot(ws, [r.frechet_distance for r in rows], "o-", color="tab:blue", label="Frechet distance (lower is better)")
+    fd = [r.frechet_distance for r in rows]
+    left.errorbar(ws, [e.value for e in fd], yerr=[[e.value - e.low for e in fd], [e.high - e.value for e in fd]],
+                  fmt="o-", color="tab:blue", capsize=3, label="Frechet distance (lower is better)")
     left.set_xlabel("guidance weight w")
     left.set_ylabel("Frechet distance (classifier features)", color="tab:blue")
     right = left.twinx()
-    right.plot(ws, [r.inception_score for r in rows], "s--", color="tab:red", label="Inception Score analog")
+    right.plot(ws, [r.inception_score.value for r in rows], "s--", color="tab:red", label="Inception Score analog")
     right.set_ylabel("Inception Score analog", color="tab:red")
     left.set_title("Guidance trade-off on the reference model")
     fig.tight_layout()

@@ -83,8 +83,24 @@ def test_eval_on_reference_model(digits_artifact):
     rows = evaluate_guidance(digits_artifact, [0.0, 3.0], per_class=3, steps=10)
     assert [r.w for r in rows] == [0.0, 3.0] and all(r.samples == 30 for r in rows)
     for r in rows:
-        assert 0 <= r.accuracy <= 1 and 1 <= r.inception_score <= 10 and r.frechet_distance >= 0
-    assert rows[1].accuracy >= 0.8
+        for e in (r.accuracy, r.inception_score, r.frechet_distance):
+            assert e.low <= e.value <= e.high
+        assert 0 <= r.accuracy.value <= 1 and 1 <= r.inception_score.value <= 10 and r.frechet_distance.value >= 0
+        assert r.rows_per_image == 2 * 10  # full guidance: 2 rows per image at each of the 10 steps
+    assert rows[1].accuracy.value >= 0.8
+
+
+def test_bootstrap_interval_covers_the_known_mean():
+    """The bootstrap interval of a sample mean: for a large normal sample it is close to
+    mean +- 1.96 sd / sqrt(n) (the textbook interval, computed here independently)."""
+    from cfg_export.evaluation.stats import bootstrap
+
+    x = np.random.default_rng(3).standard_normal(2000) + 5.0
+    e = bootstrap(lambda i: x[i].mean(), len(x), resamples=2000, seed=1)
+    half = 1.96 * x.std(ddof=1) / np.sqrt(len(x))
+    assert e.value == pytest.approx(x.mean())
+    assert e.low == pytest.approx(x.mean() - half, abs=0.1 * half)
+    assert e.high == pytest.approx(x.mean() + half, abs=0.1 * half)
 
 
 def test_eval_bad_input(tiny_artifacts, tmp_path):
