@@ -67,27 +67,40 @@ def test_onnxruntime_onnx_config_parses(tiny_artifacts, tmp_path):
         (tiny_artifacts / "stacked" / "model.onnx").read_bytes()
 
 
-def test_tensorrt_plan_config_takes_the_engine_profiles(tiny_artifacts, tmp_path, monkeypatch):
-    """The engine comes from the fake TensorRT of the build tests; the config is parsed
-    only (no TensorRT backend, no GPU here: it never ran)."""
-    from cfg_export.build.builder import build_engine
-    from cfg_export.build.plan import EngineOptions
-    from cfg_export.runtime.backends import device_memory
-    from cfg_export.runtime.trt_versions import DeviceInfo
-    from tests import fake_tensorrt
+def engine_artifact(tiny_artifacts, tmp_path):
+    """The tiny artifact with an engine manifest of one profile, N 1..8 (opt 4), beside
+    stand-in engine bytes: the repository writer only copies the plan and reads the profiles."""
+    from dataclasses import replace
 
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_module("10.3.0.30"))
-    monkeypatch.setattr(device_memory, "open_cuda", lambda device=0: fake_tensorrt.FakeCuda(DeviceInfo("Fake", "8.6")))
+    from cfg_export.runtime.engine import ENGINE_FILE, ENGINE_MANIFEST
+    from cfg_export.runtime.files import sha256_file
+    from cfg_export.runtime.manifest import read_manifest
+
     artifact = shutil.copytree(tiny_artifacts / "stacked", tmp_path / "tiny")
-    build_engine(artifact, None, EngineOptions(opt_batch=4, max_batch=8))
+    (artifact / ENGINE_FILE).write_bytes(b"a TensorRT plan stands here")
+    shapes = {"sample": [[r, 2, 6, 6] for r in (2, 8, 16)], "timestep": [[r] for r in (2, 8, 16)],
+              "cond": [[r] for r in (2, 8, 16)]}
+    engine = {"tensorrt_version": "10.3.0", "profiles": [{"rows": [2, 8, 16], "shapes": shapes}]}
+    manifest = replace(read_manifest(artifact), model_file=ENGINE_FILE, engine=engine,
+                       model_sha256=sha256_file(artifact / ENGINE_FILE))
+    manifest.write(artifact, ENGINE_MANIFEST)
+    return artifact
+
+
+def test_tensorrt_plan_config_takes_the_engine_profiles(tiny_artifacts, tmp_path):
+    """Parsed only: no TensorRT backend and no GPU here, so this config never ran."""
+    artifact = engine_artifact(tiny_artifacts, tmp_path)
     repo = write_repository(artifact, tmp_path / "repo", RepositoryOptions(platform="tensorrt_plan"))
     config = parsed(repo, "denoiser")
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 16  # 2N rows at N = 8
     assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]  # opt and max rows of the profile
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
     assert (repo.directory / "denoiser" / "1" / "model.plan").read_bytes() == (artifact / "model.engine").read_bytes()
     sampler = parsed(repo, "sampler")
     assert sampler.parameters["engine"].string_value == "1" and sampler.parameters["max_images"].string_value == "8"
     assert (repo.directory / "sampler" / "1" / "artifact" / "engine.json").is_file()
+    with pytest.raises(CfgExportError, match="--max-rows: got 32, but the engine's largest profile takes 16 rows"):
+        write_repository(artifact, tmp_path / "repo2", RepositoryOptions(platform="tensorrt_plan", max_rows=32))
 
 
 def test_model_files_import_the_copied_runtime_without_torch_or_cfg_export(tiny_artifacts, tmp_path):
