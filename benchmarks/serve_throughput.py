@@ -9,8 +9,10 @@ dynamic batching (rows of all requests in flight share one denoiser call) and on
 without (one denoiser call per request and step). For each number of clients, each
 server in turn gets that many closed-loop clients (each sends its next request when
 the last returns) for --requests requests each; every request asks for --n images of
-a class chosen per request, at w=3, a seed of its own. Prints images/s, p50/p99
-latency, denoiser executions per denoiser request, and the ratio of images/s.
+a class chosen per request, at w=3, a seed of its own. Each client count runs --rounds
+rounds in which the two servers take turns (a busy shared machine drifts); prints the
+median images/s, p50/p99 latency over all rounds' requests, denoiser rows per execution,
+and the ratio of the median images/s.
 Asserts nothing (speed targets live here, not in tests).
 """
 from __future__ import annotations
@@ -44,7 +46,8 @@ def denoiser_counts(url: str) -> tuple[int, int]:
 
 def run_clients(url: str, clients: int, requests: int, n: int, steps: int, num_classes: int,
                 seed0: int) -> dict:
-    """Runs `clients` closed-loop clients of `requests` requests each; returns the figures."""
+    """Runs `clients` closed-loop clients of `requests` requests each; returns the figures
+    (images/s, every latency, denoiser requests and executions)."""
     def client_loop(index: int) -> list[float]:
         latencies = []
         with SamplerClient(url, timeout=600) as client:
@@ -62,16 +65,37 @@ def run_clients(url: str, clients: int, requests: int, n: int, steps: int, num_c
     wall = time.perf_counter() - start
     after = denoiser_counts(url)
     calls, executions = after[0] - before[0], after[1] - before[1]
-    return {"images_per_s": clients * requests * n / wall, "p50": percentile(latencies, 50),
-            "p99": percentile(latencies, 99), "requests": len(latencies), "wall": wall,
-            "rows_per_execution": calls / max(executions, 1), "executions": executions, "calls": calls}
+    return {"images_per_s": clients * requests * n / wall, "latencies": latencies, "executions": executions,
+            "calls": calls}
+
+
+def run_rounds(servers: dict, clients: int, args, num_classes: int) -> dict:
+    """Alternates the servers `args.rounds` times at this client count (the first server
+    goes first in even rounds, second in odd ones); returns each server's pooled figures."""
+    runs = {mode: [] for mode in servers}
+    for r in range(args.rounds):
+        order = list(servers) if r % 2 == 0 else list(servers)[::-1]
+        for mode in order:
+            runs[mode].append(run_clients(servers[mode].url, clients, args.requests, args.n, args.steps, num_classes,
+                                          seed0=1000 * clients + 100 * r))
+    pooled = {}
+    for mode, results in runs.items():
+        latencies = [s for f in results for s in f["latencies"]]
+        calls, executions = sum(f["calls"] for f in results), sum(f["executions"] for f in results)
+        pooled[mode] = {"images_per_s": statistics.median(f["images_per_s"] for f in results),
+                        "rounds": [f["images_per_s"] for f in results],
+                        "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+                        "requests": len(latencies), "rows_per_execution": 2 * args.n * calls / max(executions, 1)}
+    return pooled
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", help="artifact folder (cfg-export onnx)")
     parser.add_argument("--clients", default="1,4,16", help="concurrent clients, comma-separated")
-    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client and round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds per client count; the two servers alternate within each (median images/s)")
     parser.add_argument("--n", type=int, default=1, help="images per request")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps per request")
     parser.add_argument("--queue-delay-us", type=int, default=None, help="batcher delay (default: the writer's)")
@@ -92,19 +116,17 @@ def main() -> None:
             repo = write_repository(artifact, work / mode.replace(" ", "-"), options)
             servers[mode] = TritonServer(repo.directory, log_path=work / f"{mode.replace(' ', '-')}.log").start()
             run_clients(servers[mode].url, max(clients), 1, args.n, 2, num_classes, 10**6)  # warm every instance
-        print(f"{args.artifact}: {args.requests} requests per client, {args.n} image(s) of {args.steps} DDIM steps "
-              f"at w=3 each; tritonserver from {servers['row batching'].binary.origin}; queue delay "
-              f"{repo.options.queue_delay_us} us")
-        print(f"{'clients':>7} | {'mode':<15} | {'images/s':>8} | {'p50 s':>7} | {'p99 s':>7} | "
-              f"{'rows/exec':>9} | requests")
+        print(f"{args.artifact}: {args.rounds} rounds x {args.requests} requests per client, {args.n} image(s) of "
+              f"{args.steps} DDIM steps at w=3 each; tritonserver from {servers['row batching'].binary.origin}; "
+              f"queue delay {repo.options.queue_delay_us} us; {repo.options.sampler_instances} sampler instances")
+        print(f"| clients | mode            | images/s (median) | p50 s  | p99 s  | rows/exec | requests |")
+        print(f"|---------|-----------------|-------------------|--------|--------|-----------|----------|")
         ratios = {}
         for c in clients:
-            figures = {}
-            for mode in modes:  # side by side: the two servers take turns at each client count
-                figures[mode] = f = run_clients(servers[mode].url, c, args.requests, args.n, args.steps, num_classes,
-                                                seed0=1000 * c)
-                print(f"{c:>7} | {mode:<15} | {f['images_per_s']:8.2f} | {f['p50']:7.3f} | {f['p99']:7.3f} | "
-                      f"{2 * args.n * f['rows_per_execution']:9.1f} | {f['requests']}")
+            figures = run_rounds(servers, c, args, num_classes)
+            for mode, f in figures.items():
+                print(f"| {c:>7} | {mode:<15} | {f['images_per_s']:17.2f} | {f['p50']:6.3f} | {f['p99']:6.3f} | "
+                      f"{f['rows_per_execution']:9.1f} | {f['requests']:>8} |")
             ratios[c] = figures["row batching"]["images_per_s"] / figures["no row batching"]["images_per_s"]
         print("images/s with row batching / without: " + ", ".join(f"{r:.2f}x at {c} client{'s' * (c > 1)}"
                                                                      for c, r in ratios.items()))

@@ -26,7 +26,7 @@ def repository_flags(f):
         click.option("--max-rows", type=int, default=None,
                      help="Rows of one merged denoiser batch (default 64; tensorrt_plan: the largest profile)."),
         click.option("--queue-delay-us", type=int, default=None,
-                     help="How long the batcher waits for more rows, in microseconds (default 2000)."),
+                     help="How long the batcher waits for more rows, in microseconds (default 100)."),
         click.option("--sampler-instances", type=int, default=None,
                      help="Sampling runs in flight at once, one process each (default 16)."),
         click.option("--denoiser-instances", type=int, default=None, help="Denoiser model instances (default 1)."),

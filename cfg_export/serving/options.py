@@ -12,7 +12,7 @@ PLATFORMS = ("python", "onnxruntime_onnx", "tensorrt_plan")
 DEFAULT_PLATFORM = "python"
 DEFAULT_MAX_IMAGES = 16  # images per request
 DEFAULT_MAX_ROWS = 64  # rows of one merged denoiser batch (python and onnxruntime_onnx)
-DEFAULT_QUEUE_DELAY_US = 2000  # how long the batcher waits for more rows
+DEFAULT_QUEUE_DELAY_US = 100  # how long an idle denoiser waits for more rows (a busy one takes all queued)
 DEFAULT_SAMPLER_INSTANCES = 16  # sampling runs in flight at once (one Python process each)
 DEFAULT_DENOISER_INSTANCES = 1
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a sampler instance; more are refused at once
@@ -30,9 +30,11 @@ class RepositoryOptions:
     platform: str | None = None
     backend: str | None = None  # python platform: the runtime backend it opens (default auto)
     threads: int | None = None  # python platform: ONNX Runtime intra-op threads (default: one per core)
+    spinning: bool | None = None  # python platform: ONNX Runtime threads spin after a call (default off: the
+    # cores are shared with the sampler processes; spinning took 5x the denoiser's CPU time in serve_throughput)
     row_batching: bool | None = None  # merge the rows of all requests in flight (default on)
     max_rows: int | None = None  # denoiser max_batch_size in rows (default 64; the engine's largest profile)
-    queue_delay_us: int | None = None  # dynamic batcher max_queue_delay_microseconds (default 2000)
+    queue_delay_us: int | None = None  # dynamic batcher max_queue_delay_microseconds (default 100)
     max_images: int | None = None  # images per request (default 16)
     max_steps: int | None = None  # sampling steps per request (default: the training timesteps T)
     sampler_instances: int | None = None  # sampling runs in flight (default 16)
@@ -52,7 +54,7 @@ class RepositoryOptions:
         if self.queue_delay_us is not None and (not isinstance(self.queue_delay_us, int) or self.queue_delay_us < 0):
             raise CfgExportError(f"queue-delay-us: got {self.queue_delay_us!r}, expected microseconds >= 0")
         if (self.platform or DEFAULT_PLATFORM) != "python":
-            for name, flag in (("backend", "--backend"), ("threads", "--threads")):
+            for name, flag in (("backend", "--backend"), ("threads", "--threads"), ("spinning", "--no-spinning")):
                 if getattr(self, name) is not None:
                     raise CfgExportError(f"{flag} applies to the python platform (the runtime's backend inside "
                                          f"Triton), not {self.platform}: drop {flag}")
@@ -85,7 +87,9 @@ def resolve_options(options: RepositoryOptions | None, manifest: Manifest) -> Re
     if o.max_steps is not None and o.max_steps > T:
         raise CfgExportError(f"--max-steps: got {o.max_steps}, but the model has {T} training timesteps; "
                              f"give at most {T}")
-    return replace(o, platform=platform, backend=o.backend or ("auto" if platform == "python" else None),
+    python = platform == "python"
+    return replace(o, platform=platform, backend=o.backend or ("auto" if python else None),
+                   spinning=(False if o.spinning is None else o.spinning) if python else None,
                    row_batching=True if o.row_batching is None else o.row_batching, max_rows=max_rows,
                    queue_delay_us=DEFAULT_QUEUE_DELAY_US if o.queue_delay_us is None else o.queue_delay_us,
                    max_images=max_images, max_steps=o.max_steps or T,

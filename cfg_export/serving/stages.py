@@ -110,6 +110,8 @@ def denoiser_config(manifest: Manifest, options: RepositoryOptions) -> dict:
         values = {"backend": options.backend}
         if options.threads:
             values["threads"] = options.threads
+        if options.spinning is not None:
+            values["spinning"] = int(options.spinning)
         config["parameters"] = parameters(values)
     return config
 

@@ -30,9 +30,10 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         threads = int(params["threads"]) if "threads" in params else None
+        spinning = {"1": True, "0": False}.get(params.get("spinning", ""))
         artifact = Artifact.open(os.path.join(HERE, "artifact"))
-        self.backend = open_backend(artifact, params.get("backend", "auto"),
-                                    BackendOptions(threads=threads) if threads else None)
+        options = BackendOptions(threads=threads, spinning=spinning) if threads or spinning is not None else None
+        self.backend = open_backend(artifact, params.get("backend", "auto"), options)
         self.backend.__enter__()
         self.inputs = self.backend.manifest.inputs
         self.outputs = [spec.name for spec in self.backend.manifest.outputs]
