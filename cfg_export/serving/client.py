@@ -58,8 +58,9 @@ class SamplerClient:
         self.url = url.removeprefix("http://").rstrip("/")
         self.model = model
         timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        http = _http()
         try:
-            self.client = _http().InferenceServerClient(self.url, connection_timeout=min(timeout, 60.0),
+            self.client = http.InferenceServerClient(self.url, connection_timeout=min(timeout, 60.0),
                                                         network_timeout=timeout)
         except Exception as exc:  # tritonclient refuses a malformed URL with its own exception types
             raise _server_error(self.url, exc) from None

@@ -103,3 +103,16 @@ def test_serve_and_request_give_what_sample_gives(tiny_artifacts, tmp_path):
     while any(os.path.exists(f"/proc/{pid}") for pid in server_pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in server_pids)
+
+
+def test_without_tritonclient_request_names_the_extra(tmp_path):
+    from tests.conftest import run_without
+
+    proc = run_without("tritonclient", f"""
+        import cfg_export.serving.client, cfg_export.serving.repository, cfg_export.serving.server
+        from cfg_export.cli import main
+        assert "torch" not in sys.modules
+        main(["request", "127.0.0.1:1", "--classes", "1", "--npy", {str(tmp_path / "x.npy")!r}])
+    """)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: tritonclient.http is not installed (") and "cfg-export[serve]" in proc.stderr
