@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 DEFAULT_STARTUP_TIMEOUT = 180.0  # seconds for every model to load (one process per instance)
 STOP_TIMEOUT = 30.0
+# Triton's Python backend can abort while many stub processes start on a loaded machine
+# (boost::interprocess::lock_exception, seen here with 16 instances): such a start is retried
+START_ATTEMPTS = 3
 DEFAULT_PORT = 8000
 DEFAULT_METRICS_PORT = 8002
 
@@ -164,24 +167,26 @@ class TritonServer:
         try:
             self.binary = find_tritonserver(self._workdir)
             pick_ports = self.port is None
-            for attempt in range(3):
+            for attempt in range(START_ATTEMPTS):
                 if pick_ports:
                     self.port = free_port()
                 if self.metrics and (self.metrics_port is None or (pick_ports and attempt)):
                     self.metrics_port = free_port()
-                error = self._launch()
+                error, retry = self._launch()
                 if error is None:
                     return self
-                if not (pick_ports and "address already in use" in error.lower()):
+                if not (retry or (pick_ports and "address already in use" in error.lower())):
                     break
+                log.warning("%s; starting it again", error)
             raise CfgExportError(error)
         except BaseException:
             self._own_log = None  # keep the log the error names
             self.stop()
             raise
 
-    def _launch(self) -> str | None:
-        """Runs the server once; returns None when ready, else the reason it is not."""
+    def _launch(self) -> tuple[str | None, bool]:
+        """Runs the server once; returns (None, False) when ready, else (the reason it is
+        not, whether to try again: it was killed by a signal while loading its models)."""
         log_path = self.log_path or self._default_log()
         env = {**os.environ, **self.binary.env}
         with open(log_path, "wb") as log_file:
@@ -193,14 +198,17 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code, self.process = self.process.returncode, None
-                return f"tritonserver exited at start (code {code}): {_error_line(log_path)}; log: {log_path}"
+                code, pid, self.process = self.process.returncode, self.process.pid, None
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)  # model processes it left behind
+                return (f"tritonserver exited at start (code {code}): {_error_line(log_path)}; log: {log_path}",
+                        code < 0)
             if _ready(self.port):
-                return None
+                return None, False
             time.sleep(0.25)
         self._terminate()
         return (f"tritonserver was not ready after {self.startup_timeout:.0f} s: {_error_line(log_path)}; "
-                f"log: {log_path}")
+                f"log: {log_path}"), False
 
     def _default_log(self) -> Path:
         """A log file kept when the server fails to start, removed by a clean stop."""
@@ -258,8 +266,10 @@ def _error_line(log_path: Path) -> str:
         lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "no log"
-    errors = [line for line in lines if line.startswith("E") or "error" in line.lower()]
-    return (errors or lines or ["no output"])[-1][:500]
+    fatal = [line for line in lines if line.startswith(("terminate called", "what():"))]
+    errors = [line for line in lines if (line.startswith("E") or "error" in line.lower())
+              and "CudaDriverHelper has not been initialized" not in line]  # printed by every start without a GPU
+    return " ".join(fatal[:2]) if fatal else (errors or lines or ["no output"])[-1][:500]
 
 
 def serve_artifact(artifact, repository: str | Path | None = None, options=None, port: int | None = None,
