@@ -175,7 +175,7 @@ class TritonServer:
                 error, retry = self._launch()
                 if error is None:
                     return self
-                if not (retry or (pick_ports and "address already in use" in error.lower())):
+                if not (retry or (pick_ports and "already in use" in error)):
                     break
                 log.warning("%s; starting it again", error)
             raise CfgExportError(error)

@@ -116,3 +116,20 @@ def test_without_tritonclient_request_names_the_extra(tmp_path):
     """)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("Error: tritonclient.http is not installed (") and "cfg-export[serve]" in proc.stderr
+
+
+@needs_tritonserver
+def test_serve_on_a_busy_port_is_one_line(tiny_artifacts):
+    import socket
+
+    from cfg_export.serving.server import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", tiny_artifacts / "stacked", "--port", port, "--metrics-port", free_port(),
+                       "--sampler-instances", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: tritonserver exited at start (code 1): ")
+    assert f"Socket '127.0.0.1:{port}' already in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
