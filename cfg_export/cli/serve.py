@@ -76,6 +76,7 @@ def triton_command(artifact, out, overwrite, **flags):
 @click.command("serve", cls=Command, context_settings=CONTEXT)
 @click.argument("artifact", metavar="DIR", type=click.Path())
 @click.option("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default 8000).")
+@click.option("--grpc-port", type=int, default=None, help="gRPC port on 127.0.0.1 (default 8001).")
 @click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port on 127.0.0.1 (default 8002).")
 @click.option("--repository", metavar="REPO", default=None, type=click.Path(),
               help="Write the repository here and keep it (default: a temporary folder).")
@@ -84,7 +85,7 @@ def triton_command(artifact, out, overwrite, **flags):
               help="The server's log (default: a temporary file).")
 @repository_flags
 @verbosity_options
-def serve_command(artifact, port, metrics_port, repository, overwrite, log_path, **flags):
+def serve_command(artifact, port, grpc_port, metrics_port, repository, overwrite, log_path, **flags):
     """Serve the artifact DIR on 127.0.0.1 with Triton until Ctrl-C: the repository of
     `cfg-export triton`, and a tritonserver (one on PATH, else the nvidia-pytriton wheel's:
     pip install 'cfg-export[serve]').
@@ -101,11 +102,11 @@ def serve_command(artifact, port, metrics_port, repository, overwrite, log_path,
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the server as Ctrl-C does
-    server = serve_artifact(artifact, repository, repository_options(**flags), port=port, metrics_port=metrics_port,
-                            log_path=log_path, overwrite=overwrite)
+    server = serve_artifact(artifact, repository, repository_options(**flags), port=port, grpc_port=grpc_port,
+                            metrics_port=metrics_port, log_path=log_path, overwrite=overwrite)
     try:
-        say(f"serving {artifact} at http://{server.url} (metrics {server.metrics_url}); tritonserver from "
-            f"{server.binary.origin}; Ctrl-C stops it")
+        say(f"serving {artifact} at http://{server.url} (gRPC {server.grpc_url}, metrics {server.metrics_url}); "
+            f"tritonserver from {server.binary.origin}; Ctrl-C stops it")
         code = server.wait()
         if code:
             raise CfgExportError(f"tritonserver stopped with exit code {code}")

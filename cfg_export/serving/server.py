@@ -37,6 +37,7 @@ STOP_TIMEOUT = 30.0
 # (boost::interprocess::lock_exception, seen here with 16 instances): such a start is retried
 START_ATTEMPTS = 3
 DEFAULT_PORT = 8000
+DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 
 
@@ -116,12 +117,14 @@ class TritonServer:
     """
 
     def __init__(self, repository: str | Path, port: int | None = None, metrics_port: int | None = None,
-                 metrics: bool = False, log_path: str | Path | None = None,
-                 startup_timeout: float | None = None):
+                 metrics: bool = False, grpc_port: int | None = None, grpc: bool = False,
+                 log_path: str | Path | None = None, startup_timeout: float | None = None):
         self.repository = Path(repository)
         self.port = port
         self.metrics_port = metrics_port
         self.metrics = metrics
+        self.grpc_port = grpc_port
+        self.grpc = grpc
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout = DEFAULT_STARTUP_TIMEOUT if startup_timeout is None else startup_timeout
         self.process: subprocess.Popen | None = None
@@ -136,6 +139,11 @@ class TritonServer:
         return f"{HOST}:{self.port}"
 
     @property
+    def grpc_url(self) -> str | None:
+        """host:port of the gRPC endpoint (a gRPC client that cancels stops its run), or None."""
+        return f"{HOST}:{self.grpc_port}" if self.grpc else None
+
+    @property
     def metrics_url(self) -> str | None:
         return f"http://{HOST}:{self.metrics_port}/metrics" if self.metrics else None
 
@@ -148,11 +156,13 @@ class TritonServer:
 
     def command(self) -> list[str]:
         cmd = [str(self.binary.path), f"--model-repository={self.repository.resolve()}",
-               f"--http-address={HOST}", f"--http-port={self.port}", "--allow-grpc=false",
+               f"--http-address={HOST}", f"--http-port={self.port}", f"--allow-grpc={'true' if self.grpc else 'false'}",
                "--disable-auto-complete-config", "--exit-on-error=true", f"--exit-timeout-secs={int(STOP_TIMEOUT)}",
                f"--allow-metrics={'true' if self.metrics else 'false'}"]
         if self.metrics:
             cmd += [f"--metrics-address={HOST}", f"--metrics-port={self.metrics_port}"]
+        if self.grpc:
+            cmd += [f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}"]
         if self.binary.backend_dir is not None:
             cmd.append(f"--backend-directory={self.binary.backend_dir}")
         return cmd
@@ -172,6 +182,8 @@ class TritonServer:
                     self.port = free_port()
                 if self.metrics and (self.metrics_port is None or (pick_ports and attempt)):
                     self.metrics_port = free_port()
+                if self.grpc and (self.grpc_port is None or (pick_ports and attempt)):
+                    self.grpc_port = free_port()
                 error, retry = self._launch()
                 if error is None:
                     return self
@@ -273,11 +285,12 @@ def _error_line(log_path: Path) -> str:
 
 
 def serve_artifact(artifact, repository: str | Path | None = None, options=None, port: int | None = None,
-                   metrics_port: int | None = None, log_path: str | Path | None = None,
+                   grpc_port: int | None = None, metrics_port: int | None = None, log_path: str | Path | None = None,
                    overwrite: bool = False) -> TritonServer:
     """Returns a started TritonServer for the artifact (an Artifact or a folder): its
     repository written at `repository` (default: a temporary folder removed at stop),
-    HTTP on 127.0.0.1:`port` (default 8000), metrics on `metrics_port` (default 8002).
+    HTTP on 127.0.0.1:`port` (default 8000), gRPC on `grpc_port` (default 8001), metrics
+    on `metrics_port` (default 8002).
     options: the RepositoryOptions. Stop it with stop() (or use it in a `with` block)."""
     from .repository import write_repository
 
@@ -287,7 +300,8 @@ def serve_artifact(artifact, repository: str | Path | None = None, options=None,
         write_repository(artifact, folder, options, overwrite=overwrite)
         server = TritonServer(folder, port=DEFAULT_PORT if port is None else port,
                               metrics_port=DEFAULT_METRICS_PORT if metrics_port is None else metrics_port,
-                              metrics=True, log_path=log_path)
+                              metrics=True, grpc_port=DEFAULT_GRPC_PORT if grpc_port is None else grpc_port, grpc=True,
+                              log_path=log_path)
         server.remove_on_stop = folder.parent if temporary else None
         return server.start()
     except BaseException:

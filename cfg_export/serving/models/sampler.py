@@ -102,8 +102,9 @@ class TritonPythonModel:
         try:
             samples = self._sample(request)
         except Cancelled:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                "cancelled: the client went away", pb_utils.TritonError.CANCELLED))
+            code = getattr(pb_utils.TritonError, "CANCELLED", None)  # older Python backends have no error codes
+            error = pb_utils.TritonError("cancelled: the client went away", *([code] if code is not None else []))
+            return pb_utils.InferenceResponse(error=error)
         except CfgExportError as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         except Exception as exc:  # a fault here must not take the instance down with it

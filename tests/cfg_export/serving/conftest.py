@@ -20,7 +20,7 @@ needs_tritonserver = pytest.mark.skipif(not tritonserver_available(),
 @pytest.fixture(scope="module")
 def server(tiny_artifacts, tmp_path_factory):
     """A started TritonServer serving tests.models:conv2d (stacked, T = 100): 4 sampler
-    instances, at most 4 requests waiting, 8 images per request."""
+    instances, at most 4 requests waiting, 8 images per request; HTTP and gRPC."""
     if not tritonserver_available():
         pytest.skip("no tritonserver: pip install 'cfg-export[serve]' (nvidia-pytriton)")
     from cfg_export.serving.options import RepositoryOptions
@@ -29,5 +29,5 @@ def server(tiny_artifacts, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("triton")
     repository = write_repository(tiny_artifacts / "stacked", root / "repo", RepositoryOptions(**SERVER_OPTIONS))
-    with TritonServer(repository.directory, log_path=root / "triton.log", startup_timeout=120) as running:
+    with TritonServer(repository.directory, grpc=True, log_path=root / "triton.log", startup_timeout=120) as running:
         yield running

@@ -62,14 +62,15 @@ def test_serve_and_request_give_what_sample_gives(tiny_artifacts, tmp_path):
     from cfg_export.serving.server import free_port
 
     artifact = tiny_artifacts / "stacked"
-    port, metrics_port = free_port(), free_port()
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     serve = subprocess.Popen([sys.executable, "-c", "from cfg_export.cli import main; main()", "serve", str(artifact),
-                              "--port", str(port), "--metrics-port", str(metrics_port), "--sampler-instances", "2"],
+                              "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                              "--sampler-instances", "2"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         line = serve.stdout.readline()  # blocks until the server is ready (or serve exits)
-        assert line.startswith(f"serving {artifact} at http://127.0.0.1:{port} (metrics "
+        assert line.startswith(f"serving {artifact} at http://127.0.0.1:{port} (gRPC 127.0.0.1:{grpc_port}, metrics "
                                f"http://127.0.0.1:{metrics_port}/metrics)"), line + serve.stderr.read()
         args = ["--classes", "0,2", "--n", "2", "--w", "1,3", "--steps", "12", "--seed", "7", "--sampler", "dpmpp-2m"]
         proc = run_cli("request", f"127.0.0.1:{port}", *args, "-o", tmp_path / "served.png")
@@ -128,8 +129,8 @@ def test_serve_on_a_busy_port_is_one_line(tiny_artifacts):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = run_cli("serve", tiny_artifacts / "stacked", "--port", port, "--metrics-port", free_port(),
-                       "--sampler-instances", "1")
+        proc = run_cli("serve", tiny_artifacts / "stacked", "--port", port, "--grpc-port", free_port(),
+                       "--metrics-port", free_port(), "--sampler-instances", "1")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("Error: tritonserver exited at start (code 1): ")
     assert f"Socket '127.0.0.1:{port}' already in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -159,3 +159,31 @@ def test_a_burst_beyond_the_queue_is_refused_cleanly_and_loses_no_accepted_reque
     for i, got in accepted:
         np.testing.assert_allclose(got, solo(tiny_artifacts / "stacked", tmp_path, f"want{i}", *burst[i]),
                                    rtol=0, atol=ATOL)
+
+
+def test_a_run_cancelled_over_grpc_stops_at_its_next_step(server):
+    """gRPC carries cancellation to the model (request.is_cancelled()); over HTTP a client
+    that goes away is not reported by Triton 2.51, and its run goes on to its last step."""
+    grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient's gRPC client needs grpcio")
+    client = grpc.InferenceServerClient(server.grpc_url)
+    cond = grpc.InferInput("cond", [8], "INT64")
+    cond.set_data_from_numpy(np.zeros(8, dtype=np.int64))
+    steps = grpc.InferInput("steps", [1], "INT64")
+    steps.set_data_from_numpy(np.array([100], dtype=np.int64))
+    with SamplerClient(server.url) as http:
+        before, _ = stats(http, "denoiser")
+        done = []
+        context = client.async_infer("sampler", [cond, steps], callback=lambda result, error: done.append(error))
+        deadline = time.monotonic() + 60
+        while stats(http, "denoiser")[0] - before < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)  # the run is under way
+        context.cancel()
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ran, last = stats(http, "denoiser")[0] - before, -1
+        while ran != last and time.monotonic() < deadline:  # until the run has stopped calling the denoiser
+            time.sleep(0.5)
+            ran, last = stats(http, "denoiser")[0] - before, ran
+    client.close()
+    assert done and done[0] is not None  # the client saw its call cancelled
+    assert 3 <= ran < 100, ran  # the run stopped before its 100 steps
