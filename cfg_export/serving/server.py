@@ -132,6 +132,8 @@ class TritonServer:
         self._workdir: Path | None = None
         self._own_log: Path | None = None
         self.remove_on_stop: Path | None = None  # a temporary repository folder, removed by stop()
+        # the Python backend's shared-memory regions of this server: removed at stop if a crash left them
+        self._shm_prefix = f"cfg_export_{os.getpid()}_{id(self):x}_"
 
     @property
     def url(self) -> str:
@@ -165,6 +167,7 @@ class TritonServer:
             cmd += [f"--grpc-address={HOST}", f"--grpc-port={self.grpc_port}"]
         if self.binary.backend_dir is not None:
             cmd.append(f"--backend-directory={self.binary.backend_dir}")
+        cmd.append(f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}")
         return cmd
 
     def start(self) -> "TritonServer":
@@ -213,6 +216,7 @@ class TritonServer:
                 code, pid, self.process = self.process.returncode, self.process.pid, None
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)  # model processes it left behind
+                self._remove_shm()
                 return (f"tritonserver exited at start (code {code}): {_error_line(log_path)}; log: {log_path}",
                         code < 0)
             if _ready(self.port):
@@ -247,9 +251,18 @@ class TritonServer:
             os.killpg(process.pid, signal.SIGKILL)  # the group started for this server: stubs left behind
         process.wait(timeout=10)
 
+    def _remove_shm(self) -> None:
+        """Removes shared-memory regions of this server that its processes did not (after a crash)."""
+        shm = Path("/dev/shm")
+        if shm.is_dir():
+            for region in shm.glob(f"{self._shm_prefix}*"):
+                with contextlib.suppress(OSError):
+                    region.unlink()
+
     def stop(self) -> None:
         """Stops the server (and its model processes) and removes its work folder."""
         self._terminate()
+        self._remove_shm()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
