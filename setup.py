@@ -14,8 +14,13 @@ EXTRAS = {
     "plot": ["matplotlib"],
     "diffusers": ["diffusers>=0.30", "safetensors>=0.4", "transformers>=4.40", "tokenizers>=0.15"],  # diffusers folders
     "examples": ["scikit-learn>=1.3"],
+    # cfg-export serve/request: a tritonserver with its Python backend (the nvidia-pytriton wheel carries one;
+    # Triton's container has its own on PATH), the HTTP client, and protobuf for checking model configs
+    "serve": ["nvidia-pytriton>=0.7", "tritonclient[http]>=2.40", "protobuf"],
     "dev": ["pytest>=7", "hypothesis>=6", "diffusers>=0.30", "transformers>=4.40", "tokenizers>=0.15",
-            "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm"],
+            "scikit-learn>=1.3", "scipy", "matplotlib", "tqdm",
+            "nvidia-pytriton>=0.7; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            "tritonclient[http]>=2.40", "protobuf"],
 }
 
 # The repository keeps runtime/ and calibration/ at the top (runtime/ is what gets copied
@@ -35,6 +40,8 @@ setup(
     # top-level names like `runtime` would collide with other projects' modules in site-packages.
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    # the Python-backend model files copied into Triton repositories (data, not modules of the package)
+    package_data={"cfg_export.serving": ["models/*.py"]},
     install_requires=["numpy>=1.22", "click>=8.0", "pillow>=9.0"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["cfg-export=cfg_export.cli:main"]},

@@ -12,7 +12,7 @@ from __future__ import annotations
 import click
 
 from cfg_export import __version__
-from cfg_export.cli import bench, calibrate, engine, evaluate, export, quantize
+from cfg_export.cli import bench, calibrate, engine, evaluate, export, quantize, serve
 from cfg_export.runtime.cli import CONTEXT, Group, sample, verbosity_options
 
 
@@ -30,5 +30,6 @@ def main() -> None:
 
 
 for command in (export.onnx_command, engine.trt_command, sample, calibrate.calibrate_command,
-                quantize.quantize_command, bench.bench_command, evaluate.eval_command):
+                quantize.quantize_command, bench.bench_command, evaluate.eval_command, serve.triton_command,
+                serve.serve_command, serve.request_command):
     main.add_command(command)

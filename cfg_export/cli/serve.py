@@ -1,0 +1,165 @@
+"""cfg-export triton / serve / request: a Triton model repository, a server on loopback, a client."""
+from __future__ import annotations
+
+import click
+
+from cfg_export.runtime.cli import CONTEXT, Command, parse_list, say, verbosity_options
+from cfg_export.runtime.errors import CfgExportError
+from cfg_export.serving.options import PLATFORMS
+
+
+def repository_flags(f):
+    """Adds the options of the repository (RepositoryOptions) shared by `triton` and `serve`."""
+    from cfg_export.runtime.backends import BACKENDS
+
+    for decorator in reversed([
+        click.option("--platform", type=click.Choice(PLATFORMS), default=None,
+                     help="The denoiser model: python (default; the runtime's ONNX Runtime backend in a Python "
+                          "model, what runs without Triton's own backends), onnxruntime_onnx, or tensorrt_plan "
+                          "(the artifact's engine)."),
+        click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                     help="python platform: the runtime backend the denoiser opens (default auto)."),
+        click.option("--threads", type=int, default=None,
+                     help="python platform: ONNX Runtime threads (default: one per core)."),
+        click.option("--max-images", type=int, default=None, help="Images per request (default 16)."),
+        click.option("--max-steps", type=int, default=None, help="Steps per request (default: the model's T)."),
+        click.option("--max-rows", type=int, default=None,
+                     help="Rows of one merged denoiser batch (default 64; tensorrt_plan: the largest profile)."),
+        click.option("--queue-delay-us", type=int, default=None,
+                     help="How long the batcher waits for more rows, in microseconds (default 100)."),
+        click.option("--sampler-instances", type=int, default=None,
+                     help="Sampling runs in flight at once, one process each (default 16)."),
+        click.option("--denoiser-instances", type=int, default=None, help="Denoiser model instances (default 1)."),
+        click.option("--max-queue", type=int, default=None,
+                     help="Requests waiting for a sampler instance; more are refused at once (default 64)."),
+        click.option("--no-row-batching", is_flag=True, default=False,
+                     help="Do not merge the rows of different requests (one denoiser call per request and step)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def repository_options(platform, backend, threads, max_images, max_steps, max_rows, queue_delay_us,
+                       sampler_instances, denoiser_instances, max_queue, no_row_batching):
+    from cfg_export.serving.options import RepositoryOptions
+
+    return RepositoryOptions(platform=platform, backend=backend, threads=threads, max_images=max_images,
+                             max_steps=max_steps, max_rows=max_rows, queue_delay_us=queue_delay_us,
+                             sampler_instances=sampler_instances, denoiser_instances=denoiser_instances,
+                             max_queue=max_queue, row_batching=False if no_row_batching else None)
+
+
+@click.command("triton", cls=Command, context_settings=CONTEXT)
+@click.argument("artifact", metavar="DIR", type=click.Path())
+@click.option("-o", "--out", metavar="REPO", required=True, type=click.Path(), help="Model repository folder.")
+@click.option("--overwrite", is_flag=True, help="Replace REPO if it exists.")
+@repository_flags
+@verbosity_options
+def triton_command(artifact, out, overwrite, **flags):
+    """A Triton Inference Server model repository for the artifact DIR: `sampler` (one
+    request = one guided sampling run, Python backend) and `denoiser` (the stacked model,
+    whose rows from all requests in flight share batches through Triton's dynamic batcher).
+
+    \b
+    Example: cfg-export triton out/digits -o out/digits-triton
+             tritonserver --model-repository out/digits-triton
+    """
+    from cfg_export.serving.repository import write_repository
+
+    repository = write_repository(artifact, out, repository_options(**flags), overwrite=overwrite)
+    options = repository.options
+    say(f"wrote {repository.directory} (models {', '.join(repository.models)}; denoiser {options.platform}, "
+        f"up to {options.max_rows} rows per batch{'' if options.row_batching else ', no row batching'}; "
+        f"{options.sampler_instances} sampler instances)")
+
+
+@click.command("serve", cls=Command, context_settings=CONTEXT)
+@click.argument("artifact", metavar="DIR", type=click.Path())
+@click.option("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default 8000).")
+@click.option("--grpc-port", type=int, default=None, help="gRPC port on 127.0.0.1 (default 8001).")
+@click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port on 127.0.0.1 (default 8002).")
+@click.option("--repository", metavar="REPO", default=None, type=click.Path(),
+              help="Write the repository here and keep it (default: a temporary folder).")
+@click.option("--overwrite", is_flag=True, help="Replace REPO if it exists.")
+@click.option("--log", "log_path", metavar="FILE", default=None, type=click.Path(dir_okay=False),
+              help="The server's log (default: a temporary file).")
+@repository_flags
+@verbosity_options
+def serve_command(artifact, port, grpc_port, metrics_port, repository, overwrite, log_path, **flags):
+    """Serve the artifact DIR on 127.0.0.1 with Triton until Ctrl-C: the repository of
+    `cfg-export triton`, and a tritonserver (one on PATH, else the nvidia-pytriton wheel's:
+    pip install 'cfg-export[serve]').
+
+    \b
+    Example: cfg-export serve out/digits --port 8000
+             cfg-export request 127.0.0.1:8000 --classes 3 --w 3 -o three.png
+    """
+    import signal
+
+    from cfg_export.serving.server import serve_artifact
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the server as Ctrl-C does
+    server = serve_artifact(artifact, repository, repository_options(**flags), port=port, grpc_port=grpc_port,
+                            metrics_port=metrics_port, log_path=log_path, overwrite=overwrite)
+    try:
+        say(f"serving {artifact} at http://{server.url} (gRPC {server.grpc_url}, metrics {server.metrics_url}); "
+            f"tritonserver from {server.binary.origin}; Ctrl-C stops it")
+        code = server.wait()
+        if code:
+            raise CfgExportError(f"tritonserver stopped with exit code {code}")
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        server.stop()
+
+
+@click.command("request", cls=Command, context_settings=CONTEXT)
+@click.argument("url", metavar="URL")
+@click.option("--classes", default=None, metavar="0,1,...",
+              help="Class labels, one grid row each (default: every class of the model).")
+@click.option("--cond", metavar="FILE.npy", default=None,
+              help="Embedding model: the condition, [L, D] or [K, L, D] (one grid row each).")
+@click.option("--n", type=int, default=None, help="Images per class or condition (default 8).")
+@click.option("--w", "w", default=None, metavar="W[,W...]",
+              help="Guidance weight: one number, one per condition, or one per image (default 0).")
+@click.option("--w-schedule", type=click.Choice(["constant", "linear"]), default=None,
+              help="How w varies over the steps (default constant).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (default 50).")
+@click.option("--sampler", default=None, help="Sampler: ddpm, ddim, dpmpp-2m (default ddim).")
+@click.option("--spacing", default=None, help="Timestep spacing: leading (default), trailing, linspace.")
+@click.option("--eta", type=float, default=None, help="DDIM eta (default 0).")
+@click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--negative", metavar="LABELS|FILE.npy", default=None,
+              help="Negative condition in the null rows: class labels, or FILE.npy for an embedding model.")
+@click.option("--interval", default=None, metavar="LO,HI", help="Guide only at noise levels sigma in [LO, HI].")
+@click.option("--threshold", type=float, default=None, metavar="P", help="Dynamic thresholding percentile.")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait for the images (default 600).")
+@click.option("-o", "--out", metavar="FILE.png", default=None, help="Image grid, one row per condition.")
+@click.option("--npy", metavar="FILE.npy", default=None, help="Raw samples [N, ...] as float32.")
+@verbosity_options
+def request_command(url, classes, cond, n, w, w_schedule, steps, sampler, spacing, eta, seed, negative, interval,
+                    threshold, timeout, out, npy):
+    """Ask a server at URL (host:port, from cfg-export serve) for images: the options and
+    the images are those of `cfg-export sample` on the same artifact.
+
+    \b
+    Example: cfg-export request 127.0.0.1:8000 --classes 3 --w 3 -o three.png
+    """
+    from cfg_export.serving.client import request_samples
+
+    interval_values = parse_list(interval, float, "--interval", "0.3,5")
+    if interval_values is not None and len(interval_values) != 2:
+        raise CfgExportError(f"--interval: got {interval!r}, expected two noise levels LO,HI")
+    if negative is not None and not negative.endswith(".npy"):
+        negative = parse_list(negative, int, "--negative", "3")
+    result = request_samples(url, classes=parse_list(classes, int, "--classes", "0,1,2"), cond=cond,
+                             negative=negative, n=n, w=parse_list(w, float, "--w", "3 or 1,2,3"), out=out, npy=npy,
+                             steps=steps, sampler=sampler, spacing=spacing, eta=eta, seed=seed,
+                             w_schedule=w_schedule, interval=tuple(interval_values) if interval_values else None,
+                             threshold=threshold, timeout=timeout)
+    for path, what in result.written:
+        say(f"wrote {path} ({what})")
+    say(f"{len(result.samples)} images in {result.seconds:.2f} s")

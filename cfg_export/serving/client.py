@@ -1,0 +1,204 @@
+"""A client of the `sampler` model: one request, written like `cfg-export sample` writes.
+
+request_samples asks a running server (cfg-export serve) for n images per condition and
+writes the image grid (one row per condition) and/or the raw samples. The conditions,
+weights and seed are laid out as sample_grid lays them out, so the same options give
+the same images as `cfg-export sample` on the same artifact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.files import check_output_file
+from cfg_export.runtime.grid import DEFAULT_IMAGES_PER_CONDITION, expand_w, read_npy
+from cfg_export.runtime.images import IMAGE_FORMATS, check_drawable, save_grid, save_npy
+from cfg_export.runtime.conditions import MAX_DEFAULT_CLASSES
+
+log = logging.getLogger(__name__)
+
+MODEL = "sampler"
+DEFAULT_TIMEOUT = 600.0  # seconds for one request (network_timeout of the HTTP client)
+_TRITON_DTYPES = {np.dtype("int64"): "INT64", np.dtype("float64"): "FP64", np.dtype("float32"): "FP32",
+                  np.dtype(object): "BYTES"}
+
+
+@dataclass
+class RequestResult:
+    samples: np.ndarray  # [N, *S] float32, as the server returned them
+    rows: int  # conditions: grid rows
+    seconds: float  # wall time of the request
+    written: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _http():
+    return require("tritonclient.http", "serve")
+
+
+def _server_error(url: str, exc: Exception) -> CfgExportError:
+    """One line for what the client or the server raised."""
+    message = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    message = (message or type(exc).__name__).strip().splitlines()[0]
+    if "Connection refused" in message or isinstance(exc, ConnectionError):
+        return CfgExportError(f"cannot reach a Triton server at {url} ({message}); start one with: "
+                              f"cfg-export serve ARTIFACT")
+    return CfgExportError(f"{url}: {message}")
+
+
+class SamplerClient:
+    """An HTTP connection to the sampler model of a server at `url` (host:port)."""
+
+    def __init__(self, url: str, timeout: float | None = None, model: str = MODEL):
+        self.url = url.removeprefix("http://").rstrip("/")
+        self.model = model
+        timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        http = _http()
+        try:
+            self.client = http.InferenceServerClient(self.url, connection_timeout=min(timeout, 60.0),
+                                                        network_timeout=timeout)
+        except Exception as exc:  # tritonclient refuses a malformed URL with its own exception types
+            raise _server_error(self.url, exc) from None
+        self._parameters = None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "SamplerClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def parameters(self) -> dict:
+        """Returns the sampler's parameters (condition, sample_shape, max_images, max_steps), read once."""
+        if self._parameters is None:
+            try:
+                config = self.client.get_model_config(self.model)
+            except Exception as exc:
+                raise _server_error(self.url, exc) from None
+            self._parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        return self._parameters
+
+    def sample(self, cond: np.ndarray, w=None, *, negative=None, steps: int | None = None,
+               sampler: str | None = None, spacing: str | None = None, eta: float | None = None,
+               seed: int | None = None, w_schedule: str | None = None,
+               interval: tuple[float, float] | None = None, threshold: float | None = None) -> np.ndarray:
+        """Returns the samples [N, *S] float32 of one request: cond holds one condition per
+        image (labels [N] or embeddings [N, L, D]); w one number or [N]; None leaves an
+        option to the server's (sample_guided's) default. Raises CfgExportError with the
+        server's one-line message when it refuses the request."""
+        http = _http()
+        values = {"cond": np.asarray(cond), "w": None if w is None else np.asarray(w, dtype=np.float64).reshape(-1),
+                  "negative": None if negative is None else np.asarray(negative),
+                  "seed": seed, "steps": steps, "eta": eta, "threshold": threshold,
+                  "sampler": sampler, "spacing": spacing, "w_schedule": w_schedule,
+                  "interval": None if interval is None else np.asarray(interval, dtype=np.float64)}
+        inputs = []
+        for name, value in values.items():
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = np.array([value.encode()], dtype=object)
+            elif not isinstance(value, np.ndarray):
+                value = np.array([value], dtype=np.int64 if name in ("seed", "steps") else np.float64)
+            if value.dtype.kind in "iu":
+                value = value.astype(np.int64)
+            dtype = _TRITON_DTYPES.get(value.dtype)
+            if dtype is None:
+                raise CfgExportError(f"{name}: got {value.dtype} values, expected numbers")
+            tensor = http.InferInput(name, list(value.shape), dtype)
+            tensor.set_data_from_numpy(value, binary_data=True)
+            inputs.append(tensor)
+        try:
+            result = self.client.infer(self.model, inputs,
+                                       outputs=[http.InferRequestedOutput("samples", binary_data=True)])
+        except Exception as exc:
+            raise _server_error(self.url, exc) from None
+        return result.as_numpy("samples")
+
+
+def grid_conditions(parameters: dict, classes: Sequence[int] | None, cond, negative,
+                    n: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Returns (cond, negative or None, rows) as sample_grid lays them out: each
+    condition repeated n times. `parameters` are the sampler's (its condition kind)."""
+    condition = json.loads(parameters.get("condition", "{}"))
+    negatives = None
+    if condition.get("kind") == "embedding":
+        if classes is not None or cond is None:
+            raise CfgExportError(f"this server's model takes embeddings {condition.get('shape')}: give "
+                                 f"--cond FILE.npy")
+        conds = read_npy(cond, "--cond") if isinstance(cond, (str, Path)) else np.asarray(cond)
+        if conds.ndim == 2:
+            conds = conds[None]
+        if negative is not None:
+            negatives = read_npy(negative, "--negative") if isinstance(negative, (str, Path)) else np.asarray(negative)
+            negatives = negatives[None] if negatives.ndim == 2 else negatives
+    else:
+        if cond is not None:
+            raise CfgExportError("--cond: this server's model takes class labels; use --classes")
+        if classes is None:
+            num_classes = int(condition.get("num_classes", 0))
+            if not 0 < num_classes <= MAX_DEFAULT_CLASSES:
+                raise CfgExportError(f"this model has {num_classes} classes: pick the grid rows with --classes, "
+                                     f"e.g. --classes 207,360,387")
+            classes = list(range(num_classes))
+        if len(classes) == 0:
+            raise CfgExportError("--classes: got no class, expected at least one label")
+        conds = np.asarray(classes, dtype=np.int64)
+        if negative is not None:
+            negatives = np.asarray(negative, dtype=np.int64).reshape(-1)
+    rows = len(conds)
+    if negatives is not None:
+        if len(negatives) not in (1, rows):
+            raise CfgExportError(f"--negative: got {len(negatives)} negative conditions, expected 1 or one per "
+                                 f"condition ({rows})")
+        negatives = np.repeat(np.broadcast_to(negatives, (rows, *negatives.shape[1:])), n, axis=0)
+    return np.repeat(conds, n, axis=0), negatives, rows
+
+
+def request_samples(url: str, *, classes: Sequence[int] | None = None, cond=None, negative=None,
+                    n: int | None = None, w=None, out: str | Path | None = None, npy: str | Path | None = None,
+                    steps: int | None = None, sampler: str | None = None, spacing: str | None = None,
+                    eta: float | None = None, seed: int | None = None, w_schedule: str | None = None,
+                    interval: tuple[float, float] | None = None, threshold: float | None = None,
+                    timeout: float | None = None) -> RequestResult:
+    """Returns the samples of one request to the server at `url` and the files written:
+    `n` images (default 8) per condition (class labels `classes`, default every class;
+    or embeddings `cond`, an array or .npy path), as an image grid at `out` and/or the
+    raw samples [N, ...] float32 at `npy`. The other arguments are sample_grid's; the
+    server checks them and refuses bad ones with one line (raised as CfgExportError).
+    """
+    import time
+
+    if out is None and npy is None:
+        raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy")
+    n = DEFAULT_IMAGES_PER_CONDITION if n is None else int(n)
+    if n < 1:
+        raise CfgExportError(f"--n: got {n}, expected at least 1 image per condition")
+    if out is not None:
+        check_output_file(out, "-o", tuple(IMAGE_FORMATS))
+    if npy is not None:
+        check_output_file(npy, "--npy", (".npy",))
+    with SamplerClient(url, timeout) as client:
+        parameters = client.parameters()
+        if out is not None:
+            check_drawable(tuple(json.loads(parameters.get("sample_shape", "[]"))))
+        conds, negatives, rows = grid_conditions(parameters, classes, cond, negative, n)
+        start = time.perf_counter()
+        samples = client.sample(conds, None if w is None else expand_w(w, rows, n), negative=negatives, steps=steps,
+                                sampler=sampler, spacing=spacing, eta=eta, seed=seed, w_schedule=w_schedule,
+                                interval=interval, threshold=threshold)
+        result = RequestResult(samples, rows, time.perf_counter() - start)
+    if out is not None:
+        save_grid(samples, rows=rows, path=out)
+        result.written.append((Path(out), f"{len(conds)} images, one row per condition"))
+    if npy is not None:
+        save_npy(samples, npy)
+        result.written.append((Path(npy), f"{list(samples.shape)} float32"))
+    return result

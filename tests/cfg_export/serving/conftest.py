@@ -1,0 +1,33 @@
+"""A real Triton server on 127.0.0.1 for the serving tests: started once per module from
+a repository of the tiny test model, stopped by the fixture (and, should the test run be
+killed, by the server's parent-death signal)."""
+import importlib.util
+import shutil
+
+import pytest
+
+SERVER_OPTIONS = dict(sampler_instances=4, max_queue=4, max_images=8, queue_delay_us=2000)
+
+
+def tritonserver_available() -> bool:
+    return shutil.which("tritonserver") is not None or importlib.util.find_spec("pytriton") is not None
+
+
+needs_tritonserver = pytest.mark.skipif(not tritonserver_available(),
+                                        reason="no tritonserver: pip install 'cfg-export[serve]' (nvidia-pytriton)")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifacts, tmp_path_factory):
+    """A started TritonServer serving tests.models:conv2d (stacked, T = 100): 4 sampler
+    instances, at most 4 requests waiting, 8 images per request; HTTP and gRPC."""
+    if not tritonserver_available():
+        pytest.skip("no tritonserver: pip install 'cfg-export[serve]' (nvidia-pytriton)")
+    from cfg_export.serving.options import RepositoryOptions
+    from cfg_export.serving.repository import write_repository
+    from cfg_export.serving.server import TritonServer
+
+    root = tmp_path_factory.mktemp("triton")
+    repository = write_repository(tiny_artifacts / "stacked", root / "repo", RepositoryOptions(**SERVER_OPTIONS))
+    with TritonServer(repository.directory, grpc=True, log_path=root / "triton.log", startup_timeout=120) as running:
+        yield running

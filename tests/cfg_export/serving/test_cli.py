@@ -1,0 +1,136 @@
+"""The verbs: `cfg-export triton`, and `cfg-export serve` + `cfg-export request` against
+`cfg-export sample` as a user runs them (subprocesses, a server on 127.0.0.1)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.cfg_export.serving.conftest import needs_tritonserver
+from tests.conftest import ROOT, run_cli
+
+
+def test_triton_writes_a_repository_and_refuses_to_overwrite(tiny_artifacts, tmp_path):
+    proc = run_cli("triton", tiny_artifacts / "stacked", "-o", tmp_path / "repo", "--sampler-instances", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'repo'} (models denoiser, sampler; denoiser python, up to 64 "
+                                  f"rows per batch; 2 sampler instances)")
+    proc = run_cli("triton", tiny_artifacts / "stacked", "-o", tmp_path / "repo")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"Error: {tmp_path / 'repo'} already exists and is not empty; pass --overwrite " \
+                                  f"to replace it"
+
+
+def test_triton_refuses_a_static_graph(tiny_artifacts, tmp_path):
+    proc = run_cli("triton", tiny_artifacts / "static2", "-o", tmp_path / "repo")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("Error: the graph is static for N=2 images")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_request_names_an_unreachable_server(tmp_path):
+    from cfg_export.serving.server import free_port
+
+    port = free_port()
+    proc = run_cli("request", f"127.0.0.1:{port}", "--classes", "1", "-o", tmp_path / "x.png", "--timeout", "10")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"Error: cannot reach a Triton server at 127.0.0.1:{port} (")
+    assert proc.stderr.rstrip().endswith("start one with: cfg-export serve ARTIFACT")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+@needs_tritonserver
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_serve_and_request_give_what_sample_gives(tiny_artifacts, tmp_path):
+    from cfg_export.serving.server import free_port
+
+    artifact = tiny_artifacts / "stacked"
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    serve = subprocess.Popen([sys.executable, "-c", "from cfg_export.cli import main; main()", "serve", str(artifact),
+                              "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                              "--sampler-instances", "2"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = serve.stdout.readline()  # blocks until the server is ready (or serve exits)
+        assert line.startswith(f"serving {artifact} at http://127.0.0.1:{port} (gRPC 127.0.0.1:{grpc_port}, metrics "
+                               f"http://127.0.0.1:{metrics_port}/metrics)"), line + serve.stderr.read()
+        args = ["--classes", "0,2", "--n", "2", "--w", "1,3", "--steps", "12", "--seed", "7", "--sampler", "dpmpp-2m"]
+        proc = run_cli("request", f"127.0.0.1:{port}", *args, "-o", tmp_path / "served.png")
+        assert proc.returncode == 1  # the tiny model's 2 channels are no image: refused before sending
+        assert proc.stderr.startswith("Error: cannot draw samples of shape [2, 6, 6] as images")
+        proc = run_cli("request", f"127.0.0.1:{port}", *args, "--npy", tmp_path / "served.npy")
+        assert proc.returncode == 0, proc.stderr
+        assert f"wrote {tmp_path / 'served.npy'} ([4, 2, 6, 6] float32)" in proc.stdout
+        proc = run_cli("sample", artifact, *args, "--npy", tmp_path / "sampled.npy", "-q")
+        assert proc.returncode == 0, proc.stderr
+        np.testing.assert_allclose(np.load(tmp_path / "served.npy"), np.load(tmp_path / "sampled.npy"), rtol=0,
+                                   atol=1e-5)
+        proc = run_cli("request", f"127.0.0.1:{port}", "--classes", "5", "--npy", tmp_path / "bad.npy")
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip() == (f"Error: 127.0.0.1:{port}: class 5 out of range: the model has classes 0..2 "
+                                       f"(null class 3)")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert 'nv_inference_exec_count{model="denoiser",version="1"} 12' in metrics
+        server_pids = children(serve.pid)
+        assert server_pids, "no tritonserver child"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=60)
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+    assert serve.returncode == 0, serve.stderr.read()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") for pid in server_pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in server_pids)
+
+
+def test_without_tritonclient_request_names_the_extra(tmp_path):
+    from tests.conftest import run_without
+
+    proc = run_without("tritonclient", f"""
+        import cfg_export.serving.client, cfg_export.serving.repository, cfg_export.serving.server
+        from cfg_export.cli import main
+        assert "torch" not in sys.modules
+        main(["request", "127.0.0.1:1", "--classes", "1", "--npy", {str(tmp_path / "x.npy")!r}])
+    """)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: tritonclient.http is not installed (") and "cfg-export[serve]" in proc.stderr
+
+
+@needs_tritonserver
+def test_serve_on_a_busy_port_is_one_line(tiny_artifacts):
+    import socket
+
+    from cfg_export.serving.server import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", tiny_artifacts / "stacked", "--port", port, "--grpc-port", free_port(),
+                       "--metrics-port", free_port(), "--sampler-instances", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: tritonserver exited at start (code 1): ")
+    assert f"Socket '127.0.0.1:{port}' already in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
