@@ -20,6 +20,7 @@ from cfg_export.export.loading import CONFIG_NAME, LoadedModel
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import ModelFacts
 from cfg_export.runtime.schedule import BETA_KINDS
+from cfg_export.runtime.validation import read_json
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,13 @@ class DiffusersDenoiser(torch.nn.Module):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CfgExportError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path)
 
 
 def _is_diffusers_config(path: Path) -> bool:
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):
         return False  # the cfg-export loader reports it
     return isinstance(d, dict) and "_class_name" in d and "factory" not in d
 

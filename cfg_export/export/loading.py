@@ -13,7 +13,7 @@ from typing import Any
 
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import FACTS_KEYS, ModelFacts
-from cfg_export.runtime.validation import expect_dict, expect_str, refuse_unknown, require_keys
+from cfg_export.runtime.validation import expect_dict, expect_str, read_json, refuse_unknown, require_keys
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,7 @@ CONFIG_KEYS = ("factory", "code_dir", "args", "weights", "guidance", "descriptio
 def read_config(config_path: Path) -> dict:
     """Returns a model folder's config.json with its defaults filled in and its guidance
     block parsed (ModelFacts); raises CfgExportError naming the first bad field."""
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CfgExportError(f"{config_path}: not valid JSON ({str(exc)[:100]})") from None
+    config = read_json(config_path)
     try:
         config = expect_dict(config, "config.json")
         require_keys(config, ("factory", "guidance"), "config.json")
