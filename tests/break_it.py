@@ -155,11 +155,19 @@ def prepare(work: Path) -> dict[Path, dict]:
     export_onnx(str(work / "model"), work / "digits")
     record_calibration(work / "tiny", work / "calib.npz", n=2, w=2.0, steps=10, record_steps=4)
     quantize_artifact(work / "tiny", work / "calib.npz", work / "int8", QuantizeOptions(keep_fp32=()))
+    from cfg_export.export.pipelines import export_pipeline
+    from tests import tiny_pipelines
+
+    tiny_pipelines.save_sd(work / "sd-folder")
+    export_pipeline(work / "sd-folder", work / "sd")
+    tiny_pipelines.save_dit(work / "dit-folder")
+    export_pipeline(work / "dit-folder", work / "dit")
     (work / "notes").mkdir()
     (work / "notes" / "mine.txt").write_text("a folder of the user's, not an artifact")
     (work / "readonly").mkdir()
     os.chmod(work / "readonly", 0o555)
-    return {work / p: digest(work / p) for p in ("model", "nets.py", "notes", "tiny", "digits", "calib.npz")}
+    return {work / p: digest(work / p) for p in ("model", "nets.py", "notes", "tiny", "digits", "calib.npz",
+                                                 "sd-folder", "sd")}
 
 
 def copy_of(name: str, to: str) -> Callable[[Path], None]:
@@ -504,6 +512,76 @@ def cases() -> list[Case]:
     add(Case("sample", "runtime's own command", ["sample", "tiny", "--npy", "ok2.npy", "--steps", "2", "-q"],
              expect=OK, check=exists("ok2.npy"), runner="runtime"))
     add(Case("sample", "runtime's command, unknown option", ["sample", "tiny", "--colour"], runner="runtime"))
+    # ---- schedulers ----
+    add(Case("sample", "karras on ddim", ["sample", "tiny", "--npy", "x.npy", "--sampler", "ddim", "--karras"],
+             outputs=["x.npy"]))
+    add(Case("sample", "karras on an int64 graph", ["sample", "tiny", "--npy", "x.npy", "--sampler", "euler",
+                                                    "--karras"], message="fractional timesteps", outputs=["x.npy"]))
+    add(Case("sample", "flow sampler on a VP model", ["sample", "tiny", "--npy", "x.npy", "--sampler", "flow-euler"],
+             outputs=["x.npy"]))
+    add(Case("sample", "--set of an unknown field", ["sample", "tiny", "--npy", "x.npy", "--set", "colour=3"],
+             outputs=["x.npy"]))
+    add(Case("sample", "--set without =", ["sample", "tiny", "--npy", "x.npy", "--set", "steps_offset"],
+             outputs=["x.npy"]))
+    add(Case("sample", "--set a value diffusers cannot run", ["sample", "tiny", "--npy", "x.npy", "--sampler",
+                                                              "dpmpp-2m", "--set", "algorithm_type=dpmsolver"],
+             outputs=["x.npy"]))
+    add(Case("sample", "steps offset past T", ["sample", "tiny", "--npy", "x.npy", "--steps-offset", "500"],
+             outputs=["x.npy"]))
+    add(Case("sample", "guidance rescale 2", ["sample", "tiny", "--npy", "x.npy", "--guidance-rescale", "2"],
+             outputs=["x.npy"]))
+    add(Case("sample", "guidance rescale nan", ["sample", "tiny", "--npy", "x.npy", "--guidance-rescale", "nan"],
+             outputs=["x.npy"]))
+    add(Case("sample", "every sampler runs", ["sample", "tiny", "--npy", "e.npy", "--sampler", "euler-ancestral",
+                                              "--steps", "4", "--n", "1", "-q"], expect=OK, check=exists("e.npy")))
+    # ---- pipelines ----
+    add(Case("pipeline", "prompt on a class model", ["sample", "tiny", "--npy", "x.npy", "--prompt", "a cat"],
+             message="--prompt", outputs=["x.npy"]))
+    add(Case("pipeline", "classes on a text pipeline", ["sample", "sd", "--npy", "x.npy", "--classes", "1"],
+             message="--classes", outputs=["x.npy"]))
+    add(Case("pipeline", "prompt on DiT", ["sample", "dit", "--npy", "x.npy", "--prompt", "a cat"],
+             message="--prompt", outputs=["x.npy"]))
+    add(Case("pipeline", "no prompt", ["sample", "sd", "--npy", "x.npy"], message="prompt", outputs=["x.npy"]))
+    add(Case("pipeline", "empty prompts file", ["sample", "sd", "--npy", "x.npy", "--prompts", "empty.txt"],
+             setup=lambda w: (w / "empty.txt").write_text("\n\n"), message="no prompt", outputs=["x.npy"]))
+    add(Case("pipeline", "prompts file missing", ["sample", "sd", "--npy", "x.npy", "--prompts", "none.txt"],
+             message="--prompts", outputs=["x.npy"]))
+    add(Case("pipeline", "height not a multiple", ["sample", "sd", "--npy", "x.npy", "--prompt", "a", "--height",
+                                                   "33"], outputs=["x.npy"]))
+    add(Case("pipeline", "height too large", ["sample", "sd", "--npy", "x.npy", "--prompt", "a", "--height",
+                                              "4096"], outputs=["x.npy"]))
+    add(Case("pipeline", "height zero", ["sample", "sd", "--npy", "x.npy", "--prompt", "a", "--height", "0"],
+             outputs=["x.npy"]))
+    add(Case("pipeline", "too many negatives", ["sample", "sd", "--npy", "x.npy", "--prompt", "a", "--prompt", "b",
+                                                "--prompt", "c", "--negative-prompt", "x", "--negative-prompt", "y"],
+             message="--negative-prompt", outputs=["x.npy"]))
+    add(Case("pipeline", "unknown DiT class name", ["sample", "dit", "--npy", "x.npy", "--classes", "unicorn"],
+             outputs=["x.npy"]))
+    add(Case("pipeline", "--cond on a pipeline", ["sample", "sd", "--npy", "x.npy", "--prompt", "a", "--cond",
+                                                  "n1.npy"], setup=_npy("n1.npy", (2, 2)), outputs=["x.npy"]))
+    add(Case("pipeline", "latents and npy the same file", ["sample", "sd", "--npy", "same.npy", "--latents",
+                                                           "same.npy", "--prompt", "a"], outputs=["same.npy"]))
+    add(Case("pipeline", "noise of the wrong shape", ["sample", "sd", "--npy", "x.npy", "--prompt", "a", "--noise",
+                                                      "n1.npy"], setup=_npy("n1.npy", (2, 2)), outputs=["x.npy"]))
+    add(Case("pipeline", "tokenizer tampered", ["sample", "sd2", "--npy", "x.npy", "--prompt", "a"],
+             setup=lambda w: (copy_of("sd", "sd2")(w), (w / "sd2" / "tokenizer" / "tokenizer.json").write_text("{}")),
+             outputs=["x.npy"]))
+    add(Case("pipeline", "a stage missing", ["sample", "sd3", "--npy", "x.npy", "--prompt", "a"],
+             setup=lambda w: (copy_of("sd", "sd3")(w), shutil.rmtree(w / "sd3" / "vae_decoder")), outputs=["x.npy"]))
+    add(Case("pipeline", "pipeline.json broken", ["sample", "sd4", "--npy", "x.npy", "--prompt", "a"],
+             setup=lambda w: (copy_of("sd", "sd4")(w), (w / "sd4" / "pipeline.json").write_text("[")),
+             outputs=["x.npy"]))
+    add(Case("pipeline", "export a folder without model_index", ["onnx", "notes", "-o", "p1"]))
+    add(Case("pipeline", "export a pipeline missing its vae", ["onnx", "sd-broken", "-o", "p2"],
+             setup=lambda w: (shutil.copytree(w / "sd-folder", w / "sd-broken", dirs_exist_ok=True),
+                              shutil.rmtree(w / "sd-broken" / "vae")), outputs=["p2"]))
+    add(Case("pipeline", "export an unsupported pipeline class", ["onnx", "sd-other", "-o", "p3"],
+             setup=lambda w: _pipeline_class(w, "KandinskyPipeline"), message="not supported", outputs=["p3"]))
+    add(Case("pipeline", "export a pipeline into itself", ["onnx", "sd-folder", "-o", "sd-folder/out"],
+             message="source"))
+    add(Case("pipeline", "a prompt run that works", ["sample", "sd", "--prompt", "a red car", "--steps", "2",
+                                                     "-o", "car.png", "-q"], expect=OK, check=exists("car.png", PNG)))
+    add(Case("pipeline", "print-trtexec of a pipeline", ["trt", "sd", "--fp16", "--print-trtexec", "-q"], expect=OK))
     # ---- trt ----
     add(Case("trt", "no tensorrt installed: one line", ["trt", "tiny"], message="tensorrt"))
     add(Case("trt", "print-trtexec fp16", ["trt", "tiny", "--fp16", "--print-trtexec", "-q"], expect=OK))
@@ -621,6 +699,13 @@ def cases() -> list[Case]:
     add(Case("eval", "seed -5", ["eval", "digits", "--seed", "-5", "--steps", "2", "--per-class", "2"],
              message="seed"))
     return t
+
+
+def _pipeline_class(work: Path, name: str) -> None:
+    shutil.copytree(work / "sd-folder", work / "sd-other", dirs_exist_ok=True)
+    index = json.loads((work / "sd-other" / "model_index.json").read_text())
+    index["_class_name"] = name
+    (work / "sd-other" / "model_index.json").write_text(json.dumps(index))
 
 
 def _nan_weights(folder: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfg_export.export.loading import CONFIG_NAME, LoadedModel
+from cfg_export.export.loading import CONFIG_NAME, LoadedModel, quiet_libraries
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import ModelFacts
 from cfg_export.runtime.schedule import BETA_KINDS
@@ -280,6 +280,7 @@ def load_diffusers(folder: str | Path, null_class: int | None = None,
                                   "sample_shape": _sample_shape(config, config_path), "timestep_dtype": "int64",
                                   "scheduler": scheduler})
     diffusers = require("diffusers", "diffusers")
+    quiet_libraries()
     try:
         model = getattr(diffusers, name).from_pretrained(str(model_dir), local_files_only=True, low_cpu_mem_usage=False,
                                                          torch_dtype=torch.float32).eval()

@@ -40,6 +40,18 @@ def _on_sys_path(*folders: Path):
             sys.path.remove(f)
 
 
+def quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and advice while loading; the export
+    has its own output: only their errors get through (-v shows our own log instead)."""
+    for name in ("diffusers", "transformers"):
+        try:
+            utils = __import__(f"{name}.utils", fromlist=["logging"]).logging
+        except ImportError:
+            continue
+        utils.set_verbosity_error()
+        utils.disable_progress_bar()
+
+
 def import_factory(spec: str, *folders: Path):
     """Returns the callable named by 'module:factory', importing from `folders` first."""
     module_name, sep, attr = spec.partition(":")
