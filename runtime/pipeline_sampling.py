@@ -254,7 +254,8 @@ def sample_pipeline_files(artifact: "Artifact | str | Path", *, out: str | Path 
     result = sample_pipeline(artifact, **kwargs)
     if out is not None:
         save_images(result.images, out)
-        result.written.append((Path(out), f"{len(result.images)} images {result.images.shape[1]}x"
+        count = len(result.images)
+        result.written.append((Path(out), f"{count} image{'s' * (count > 1)} {result.images.shape[1]}x"
                                           f"{result.images.shape[2]}"))
     if npy is not None:
         save_npy(result.images, npy)
