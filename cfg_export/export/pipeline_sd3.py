@@ -3,7 +3,8 @@ Flow Transformers for High-Resolution Image Synthesis"): three tokenizers and te
 encoders (two CLIPTextModelWithProjection: penultimate hidden states and pooled
 projection each; one T5EncoderModel: its last hidden state), the SD3 transformer (joint
 attention over the image tokens and the text context; velocity output, timestep
-sigma x 1000) and the VAE decoder (with its shift_factor).
+sigma x 1000; any image size its position embedding covers) and the VAE decoder (with
+its shift_factor).
 
 The prompt is assembled at run time as StableDiffusion3Pipeline.encode_prompt does: the
 CLIP hidden states concatenated on the feature axis, zero-padded to T5's width, joined
@@ -16,15 +17,16 @@ Imports torch at the top: only the export path imports this module.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cfg_export.export.pipeline_modules import SD3Denoiser
-from cfg_export.export.pipeline_parts import (StageWriter, _schedule, encode_empty, export_denoiser,
-                                              export_text_encoder, export_vae_decoder, image_sizes, load_model,
-                                              load_tokenizer, read_scheduler_config)
+from cfg_export.export.pipeline_parts import (SIZE_RANGE, ExportOptions, StageWriter, _schedule, encode_empty,
+                                              export_denoiser, export_text_encoder, export_vae_decoder, image_sizes,
+                                              load_model, load_tokenizer, read_scheduler_config)
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.manifest import Condition, ModelFacts
 
@@ -46,6 +48,25 @@ def _check_config(folder: Path, config, widths: tuple[int, int, int], pooled: tu
     if int(config.pooled_projection_dim) != sum(pooled):
         raise CfgExportError(f"{folder / 'transformer'}: pooled_projection_dim {config.pooled_projection_dim}, but "
                              f"the two CLIP projections are {pooled[0]} + {pooled[1]} wide")
+
+
+def _image_sizes(folder: Path, own: int, multiple: int, pos_embed_max_size: int | None,
+                 options: ExportOptions) -> dict:
+    """The image sizes the denoiser and VAE graphs take: by default half to twice the
+    model's own size, at most what the transformer's position embedding covers
+    (pos_embed_max_size patches a side; SD3 crops its embedding to the image). Without
+    pos_embed_max_size the embedding is fixed: the own size only."""
+    if pos_embed_max_size is None:
+        return image_sizes((own, own), multiple, False, options)
+    limit = int(pos_embed_max_size) * multiple
+    if options.max_size is None:
+        options = replace(options, max_size=min(own * SIZE_RANGE, limit))
+    sizes = image_sizes((own, own), multiple, True, options)
+    if max(sizes["max"]) > limit:
+        raise CfgExportError(f"--max-size: got {sizes['max'][0]}x{sizes['max'][1]}, beyond the {limit}x{limit} pixels "
+                             f"the transformer's position embedding covers (pos_embed_max_size {pos_embed_max_size} "
+                             f"patches of {multiple} pixels, {folder / 'transformer'}); give at most {limit}")
+    return sizes
 
 
 def assemble(clip: list[torch.Tensor], t5: torch.Tensor) -> torch.Tensor:
@@ -71,7 +92,8 @@ def export_sd3(folder: Path, index: dict, writer: StageWriter) -> dict:
         raise CfgExportError(f"{folder}: the VAE has {vae.config.latent_channels} latent channels, the transformer "
                              f"takes {config.in_channels}")
     size = int(config.sample_size)
-    sizes = image_sizes((size * vae_scale, size * vae_scale), patch * vae_scale, False, writer.options)
+    sizes = _image_sizes(folder, size * vae_scale, patch * vae_scale, config.pos_embed_max_size,
+                         writer.options)
 
     clip_length = load_tokenizer(folder, "tokenizer", index["tokenizer"][1]).model_max_length
     encoders = [("tokenizer", "text_encoder", "penultimate", True, "clip", clip_length),

@@ -117,8 +117,8 @@ def export_pipeline(folder: str | Path, out_dir: str | Path, *, min_size: int | 
     diffusers pipeline folder `folder`.
 
     min_size, max_size: the image sizes in pixels (one number: square) the UNet graphs
-    take, default half and twice the model's own size; transformers (DiT, SD3) are
-    exported at their own size. Every stage is checked against PyTorch (ONNX Runtime on
+    take, default half and twice the model's own size (SD3: at most what its position
+    embedding covers); DiT is exported at its own size. Every stage is checked against PyTorch (ONNX Runtime on
     the CPU, relative error at most `tolerance`, default 1e-4) unless check is False.
     Weights over external_data_bytes (default just under 2 GiB) go to ONNX external
     data. Nothing is left in out_dir on failure.
