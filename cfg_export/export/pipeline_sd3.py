@@ -79,13 +79,13 @@ def assemble(clip: list[torch.Tensor], t5: torch.Tensor) -> torch.Tensor:
 
 def export_sd3(folder: Path, index: dict, writer: StageWriter) -> dict:
     """StableDiffusion3Pipeline: writes every stage; returns the pipeline facts."""
-    transformer = load_model(folder, "transformer", "diffusers", index["transformer"][1])
-    vae = load_model(folder, "vae", "diffusers", index["vae"][1])
-    config = transformer.config
     scheduler = read_scheduler_config(folder)
     if scheduler.get("_class_name") not in FLOW_SCHEDULERS:
         raise CfgExportError(f"{folder / 'scheduler'}: StableDiffusion3Pipeline with {scheduler.get('_class_name')!r}; "
                              f"its transformer is a flow-matching model: expected {', '.join(FLOW_SCHEDULERS)}")
+    transformer = load_model(folder, "transformer", "diffusers", index["transformer"][1])
+    vae = load_model(folder, "vae", "diffusers", index["vae"][1])
+    config = transformer.config
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     patch = int(config.patch_size)
     if int(vae.config.latent_channels) != int(config.in_channels):
