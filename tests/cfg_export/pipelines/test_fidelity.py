@@ -209,3 +209,17 @@ def test_dit_matches_dit_pipeline(pipeline_artifacts, pipeline_references):
     assert ours.images.shape == (2, 16, 16, 3)
     assert rel(ours.latents, theirs_latents) < LATENT_TOLERANCE
     assert np.abs(ours.images - theirs).max() < IMAGE_TOLERANCE
+
+
+def test_sd3_t5_tokens_truncate_like_transformers(pipeline_artifacts, pipeline_references):
+    """A prompt longer than the 256 T5 tokens: the ids equal T5TokenizerFast's (truncated,
+    '</s>' kept), with one warning; a short one is padded with <pad> (id 0)."""
+    pipe = pipeline_references["sd3"]
+    long = " ".join(tiny_pipelines.WORDS * 20)
+    prompts = [long, "a cat on the tree"]
+    ours = PromptTokenizer(Artifact.open(pipeline_artifacts["sd3"]), "tokenizer_3")(prompts)
+    want = pipe.tokenizer_3(prompts, padding="max_length", max_length=tiny_pipelines.T5_LENGTH,
+                            truncation=True).input_ids
+    assert len(pipe.tokenizer_3(long).input_ids) > tiny_pipelines.T5_LENGTH
+    assert ours.ids.tolist() == want
+    assert len(ours.truncated) == 1 and "256 tokens" in ours.truncated[0]
