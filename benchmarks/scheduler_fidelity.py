@@ -89,7 +89,8 @@ def pipeline_rows(root: Path) -> None:
     artifacts, references = build_pipelines(root)
     print(f"\n{rows.STEPS} steps, prompts {rows.PROMPTS}, negative prompts {rows.NEGATIVES}, guidance_scale "
           f"{rows.S} (w = {rows.S - 1})\n")
-    print(f"| pipeline | scheduler | diffusers side | `cfg-export sample --prompt ...` | error | < {rows.TOLERANCE:g} |")
+    print(f"| pipeline | scheduler | diffusers side | `cfg-export sample --prompt ...` | error "
+          f"| < {rows.TOLERANCE:g} |")
     print("|---|---|---|---|---|---|")
     for row in rows.ROWS:
         error = row.run(artifacts, references)

@@ -146,9 +146,10 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
     guidance weight, diffusers' guidance_scale = 1 + w. height, width: pixels (default
     the export's own size). noise: the initial latents [N, C, h, w] (default: drawn from
     `seed`); noise_source: where ancestral and SDE samplers draw during the steps (any
-    object with standard_normal(shape); default numpy's generator of `seed`). Sampling follows the pipeline's scheduler config as diffusers runs it;
-    `sampler`, `scheduler` (config fields by their diffusers names) and `spacing` switch
-    or override it as for sample_guided.
+    object with standard_normal(shape); default numpy's generator of `seed`). Sampling
+    follows the pipeline's scheduler config as diffusers runs it; `sampler`, `scheduler`
+    (config fields by their diffusers names) and `spacing` switch or override it as for
+    sample_guided.
     """
     artifact = as_artifact(artifact)
     pipeline = _pipeline(artifact)

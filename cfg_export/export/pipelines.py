@@ -10,8 +10,8 @@ model_index.json) -> a pipeline artifact, one stage per model:
     OUT/vae_decoder/           latents [N, C, h, w] -> images [N, 3, H, W]
 
 Supported: StableDiffusionPipeline (1.x, 2.x; eps or v), StableDiffusionXLPipeline,
-StableDiffusion3Pipeline (flow matching), DiTPipeline. Everything is loaded from the folder with local_files_only: nothing is
-downloaded.
+StableDiffusion3Pipeline (flow matching), DiTPipeline. Everything is loaded from the
+folder with local_files_only: nothing is downloaded.
 """
 from __future__ import annotations
 
