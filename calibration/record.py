@@ -63,9 +63,13 @@ class CalibrationManifest:
 
     @classmethod
     def from_json(cls, text: str) -> "CalibrationManifest":
-        d = json.loads(text)
-        if d.get("format") != CALIBRATION_FORMAT:
-            raise ValueError(f"format {d.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
+        try:
+            d = json.loads(text)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        if not isinstance(d, dict) or d.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"format {d.get('format') if isinstance(d, dict) else None!r}, expected "
+                             f"{CALIBRATION_FORMAT!r}")
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -187,10 +191,21 @@ def record_calibration(artifact: "Artifact | str | Path", out: str | Path, *, cl
         producer={"cfg_export": _version(), "numpy": np.__version__})
     out = Path(out)
     with staged_file(out) as tmp:
-        with open(tmp, "wb") as f:  # np.savez_compressed appends .npz to a bare path; a file object keeps the name
-            np.savez_compressed(f, **arrays, **{MANIFEST_ENTRY: np.array(calib.to_json())})
+        save_npz(tmp, {**arrays, MANIFEST_ENTRY: np.array(calib.to_json())})
     log.info("recorded %d steps x %d rows of %s into %s", len(keep), calib.rows[0], artifact.directory, out)
     return RecordResult(out, calib, arrays, time.perf_counter() - start)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes arrays as a compressed .npz (what np.load reads; np.savez_compressed's layout),
+    closing the zip whatever happens, so a failed write (a full disk) is one OSError and
+    leaves no half-closed zip behind."""
+    import zipfile
+
+    with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)
 
 
 def _version() -> str:

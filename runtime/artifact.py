@@ -24,6 +24,7 @@ from .engine import ENGINE_MANIFEST
 from .errors import CfgExportError
 from .files import sha256_file
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .validation import read_json
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,7 @@ class Artifact:
     @classmethod
     def _open_pipeline(cls, directory: Path) -> "Artifact":
         path = directory / PIPELINE_NAME
-        try:
-            pipeline = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CfgExportError(f"{path}: unreadable ({exc}); re-export the pipeline") from None
+        pipeline = read_json(path, f"{path} (re-export the pipeline)")
         if not isinstance(pipeline, dict) or pipeline.get("format") != PIPELINE_FORMAT:
             raise CfgExportError(f"{path}: format {pipeline.get('format') if isinstance(pipeline, dict) else None!r}"
                                  f", expected {PIPELINE_FORMAT!r}; re-export the pipeline")

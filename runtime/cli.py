@@ -33,18 +33,23 @@ def os_error_message(exc: OSError) -> str:
     return f"{exc.strerror or exc}{where}"
 
 
+def _one_line_errors(invoke, ctx):
+    """Runs a click invoke, turning user errors into one 'Error: ...' line and exit code 1."""
+    try:
+        return invoke(ctx)
+    except CfgExportError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(os_error_message(exc)) from None
+    except MemoryError:
+        raise click.ClickException("out of memory: ask for fewer images (--n, --batch) at a time") from None
+
+
 class Command(click.Command):
     """A click command whose user errors end in one 'Error: ...' line and exit code 1."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except CfgExportError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(os_error_message(exc)) from None
-        except MemoryError:
-            raise click.ClickException("out of memory: ask for fewer images (--n, --batch) at a time") from None
+        return _one_line_errors(super().invoke, ctx)
 
 
 class Group(click.Group):
@@ -53,12 +58,7 @@ class Group(click.Group):
     command_class = Command
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except CfgExportError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:
-            raise click.ClickException(os_error_message(exc)) from None
+        return _one_line_errors(super().invoke, ctx)
 
 
 # -- -v / -q ------------------------------------------------------------------------------

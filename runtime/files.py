@@ -170,7 +170,7 @@ def is_cfg_export_folder(folder: Path) -> bool:
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 continue
             if isinstance(data, dict) and str(data.get("format", "")).startswith("cfg-export"):
                 return True

@@ -376,8 +376,9 @@ def read_manifest(directory: str | Path, name: str = MANIFEST_NAME) -> Manifest:
         raise CfgExportError(f"{directory}: no {name} in it; is it an artifact folder made by cfg-export onnx?")
     try:
         d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CfgExportError(f"{path}: corrupt manifest ({str(exc)[:100]}); re-export the model") from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:100]
+        raise CfgExportError(f"{path}: corrupt manifest ({reason}); re-export the model") from None
     try:
         return Manifest.from_dict(d)
     except CfgExportError as exc:
@@ -389,7 +390,12 @@ def compare_metadata(manifest: Manifest, metadata: dict[str, str]) -> list[str]:
     metadata (empty when they agree), as 'key: file says X, manifest says Y' lines."""
     if METADATA_KEY not in metadata:
         return [f"the model file has no {METADATA_KEY} metadata"]
-    stored = json.loads(metadata[METADATA_KEY])
+    try:
+        stored = json.loads(metadata[METADATA_KEY])
+    except (ValueError, RecursionError):
+        return [f"the model file's {METADATA_KEY} metadata is not valid JSON"]
+    if not isinstance(stored, dict):
+        return [f"the model file's {METADATA_KEY} metadata is not a JSON object"]
     expected = manifest.to_dict(with_sha=False)
     return [
         f"{key}: model file says {stored.get(key)!r}, manifest says {expected.get(key)!r}"

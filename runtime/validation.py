@@ -84,3 +84,17 @@ def require_keys(d: dict, required: Iterable[str], what: str) -> None:
     missing = [k for k in required if k not in d]
     if missing:
         raise CfgExportError(f"{what}: missing {', '.join(map(repr, missing))}")
+
+
+def read_json(path, what: str | None = None):
+    """Returns the parsed JSON of a file; raises CfgExportError, one line, for a file that
+    cannot be read or parsed (bad bytes, bad syntax, nesting too deep to parse)."""
+    import json
+
+    try:
+        return json.loads(open(path, "rb").read().decode("utf-8"))
+    except OSError as exc:
+        raise CfgExportError(f"{what or path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:100]
+        raise CfgExportError(f"{what or path}: not valid JSON ({reason})") from None

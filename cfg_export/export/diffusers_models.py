@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cfg_export.export.loading import CONFIG_NAME, LoadedModel
+from cfg_export.export.loading import CONFIG_NAME, LoadedModel, quiet_libraries
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import ModelFacts
 from cfg_export.runtime.schedule import BETA_KINDS
+from cfg_export.runtime.validation import read_json
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,13 @@ class DiffusersDenoiser(torch.nn.Module):
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CfgExportError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path)
 
 
 def _is_diffusers_config(path: Path) -> bool:
     try:
         d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):
         return False  # the cfg-export loader reports it
     return isinstance(d, dict) and "_class_name" in d and "factory" not in d
 
@@ -282,6 +280,7 @@ def load_diffusers(folder: str | Path, null_class: int | None = None,
                                   "sample_shape": _sample_shape(config, config_path), "timestep_dtype": "int64",
                                   "scheduler": scheduler})
     diffusers = require("diffusers", "diffusers")
+    quiet_libraries()
     try:
         model = getattr(diffusers, name).from_pretrained(str(model_dir), local_files_only=True, low_cpu_mem_usage=False,
                                                          torch_dtype=torch.float32).eval()

@@ -13,7 +13,7 @@ from typing import Any
 
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.manifest import FACTS_KEYS, ModelFacts
-from cfg_export.runtime.validation import expect_dict, expect_str, refuse_unknown, require_keys
+from cfg_export.runtime.validation import expect_dict, expect_str, read_json, refuse_unknown, require_keys
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,18 @@ def _on_sys_path(*folders: Path):
     finally:
         for f in added:
             sys.path.remove(f)
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and advice while loading; the export
+    has its own output: only their errors get through (-v shows our own log instead)."""
+    for name in ("diffusers", "transformers"):
+        try:
+            utils = __import__(f"{name}.utils", fromlist=["logging"]).logging
+        except ImportError:
+            continue
+        utils.set_verbosity_error()
+        utils.disable_progress_bar()
 
 
 def import_factory(spec: str, *folders: Path):
@@ -129,10 +141,7 @@ CONFIG_KEYS = ("factory", "code_dir", "args", "weights", "guidance", "descriptio
 def read_config(config_path: Path) -> dict:
     """Returns a model folder's config.json with its defaults filled in and its guidance
     block parsed (ModelFacts); raises CfgExportError naming the first bad field."""
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CfgExportError(f"{config_path}: not valid JSON ({str(exc)[:100]})") from None
+    config = read_json(config_path)
     try:
         config = expect_dict(config, "config.json")
         require_keys(config, ("factory", "guidance"), "config.json")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfg_export.export.loading import quiet_libraries
 from cfg_export.export.pipeline_modules import DiTDenoiser, TextEncoder, UNetDenoiser, VaeDecoder
 from cfg_export.export.stage_onnx import check_stage, export_stage
 from cfg_export.runtime.errors import CfgExportError, require
@@ -50,7 +51,9 @@ def load_model(folder: Path, key: str, library: str, class_name: str):
     cls = getattr(module, class_name, None)
     if cls is None:
         raise CfgExportError(f"{folder / key}: {library} has no class {class_name}")
-    kwargs = {"torch_dtype": torch.float32} if library == "diffusers" else {"dtype": torch.float32}
+    kwargs = {"torch_dtype": torch.float32, "low_cpu_mem_usage": False} if library == "diffusers" else \
+        {"dtype": torch.float32}
+    quiet_libraries()
     try:
         model = cls.from_pretrained(str(folder / key), local_files_only=True, **kwargs)
     except (OSError, ValueError, RuntimeError, TypeError) as exc:

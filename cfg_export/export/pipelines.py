@@ -25,6 +25,7 @@ from cfg_export import __version__
 from cfg_export.export.stage_onnx import StageCheck
 from cfg_export.runtime.artifact import PIPELINE_FORMAT, PIPELINE_NAME
 from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.validation import read_json
 from cfg_export.runtime.files import check_export_target, staged_dir
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,7 @@ def check_component_files(folder: Path, key: str, class_name: str) -> None:
 def read_model_index(folder: Path) -> tuple[str, dict]:
     """Returns (pipeline class, model_index dict); refuses unsupported classes and missing components."""
     path = folder / PIPELINE_INDEX
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CfgExportError(f"{path}: unreadable ({exc}); expected the model_index.json of save_pretrained") from None
+    index = read_json(path, f"{path} (expected the model_index.json of save_pretrained)")
     name = index.get("_class_name") if isinstance(index, dict) else None
     if name not in SUPPORTED_PIPELINES:
         raise CfgExportError(f"{path}: pipeline class {name!r} is not supported; supported: "
