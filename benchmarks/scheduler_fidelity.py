@@ -5,10 +5,12 @@ from_config of it) against diffusers on the same model, latents, prompts, guidan
 
     python benchmarks/scheduler_fidelity.py      (from the repository root)
 
-Prints a markdown table: each row's max |ours - diffusers| / max |diffusers| of the final
-latents (the tests hold them under 1e-5: tests/cfg_export/test_scheduler_fidelity.py), what
-ignoring a config field would cost, and the rows that wait for the pipeline export
-(`cfg-export sample --prompt`). Asserts nothing.
+Prints two markdown tables, each row's max |ours - diffusers| / max |diffusers| of the
+final latents: the denoiser-level rows (tests/cfg_export/test_scheduler_fidelity.py) and
+the pipeline-level rows, a whole diffusers pipeline's __call__ against `cfg-export sample
+--prompt` on the same tiny pipeline folder (tests/cfg_export/pipelines/test_scheduler_rows.py);
+the tests hold every row under 1e-5. Then what leaving out a config field, the noise or
+guidance_rescale would cost. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from tests.cfg_export import test_scheduler_fidelity as fidelity  # noqa: E402
+from tests.cfg_export.pipelines import test_scheduler_rows as rows  # noqa: E402
+from tests.cfg_export.pipelines.conftest import SAVERS  # noqa: E402
 
 FAMILIES = {"sd1": "SD 1.x (ships PNDM)", "sd2": "SD 2.x (ships DDIM, v-prediction)", "dit": "DiT (ships DDIM)"}
 
@@ -59,9 +63,44 @@ def main() -> None:
         print("|---|---|")
         for row, label in fidelity.ABLATIONS:
             print(f"| {label} | {row.run(models):.2e} |")
-        print("\nPending (need the pipeline export and `cfg-export sample --prompt`):")
-        for line in fidelity.PENDING:
-            print(f"- {line}")
+        pipeline_rows(Path(tmp))
+
+
+def build_pipelines(root: Path) -> tuple[dict, dict]:
+    """Saves, exports and loads back the tiny pipelines the pipeline-level rows use;
+    returns ({name: artifact}, {name: diffusers pipeline})."""
+    from cfg_export.export.pipelines import export_pipeline
+    from tests import tiny_pipelines
+
+    artifacts, references = {}, {}
+    for name in rows.FAMILIES:
+        folder = SAVERS[name](root / name)
+        start = time.perf_counter()
+        export_pipeline(folder, root / f"{name}-artifact")
+        print(f"{name}: exported in {time.perf_counter() - start:.1f} s")
+        artifacts[name] = root / f"{name}-artifact"
+        references[name] = tiny_pipelines.load_pipeline(folder)
+    return artifacts, references
+
+
+def pipeline_rows(root: Path) -> None:
+    """Prints the pipeline-level rows and their ablations."""
+    print("\nPipeline level: the pipeline's __call__ against `cfg-export sample --prompt`\n")
+    artifacts, references = build_pipelines(root)
+    print(f"\n{rows.STEPS} steps, prompts {rows.PROMPTS}, negative prompts {rows.NEGATIVES}, guidance_scale "
+          f"{rows.S} (w = {rows.S - 1})\n")
+    print(f"| pipeline | scheduler | diffusers side | `cfg-export sample --prompt ...` | error "
+          f"| < {rows.TOLERANCE:g} |")
+    print("|---|---|---|---|---|---|")
+    for row in rows.ROWS:
+        error = row.run(artifacts, references)
+        name = row.scheduler + (f", guidance_rescale {row.rescale}" if row.rescale else "")
+        print(f"| {rows.FAMILIES[row.pipeline]} | {name} | {row.diffusers_side()} | `{row.runtime_flags()}` | "
+              f"{error:.2e} | {'yes' if error < rows.TOLERANCE else 'NO'} |")
+    print("\n| case | error |")
+    print("|---|---|")
+    for row, label in rows.ABLATIONS:
+        print(f"| {label} | {row.run(artifacts, references):.2e} |")
 
 
 if __name__ == "__main__":

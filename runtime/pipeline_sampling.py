@@ -24,7 +24,7 @@ from .guidance import GuidanceOptions, guided_model
 from .images import IMAGE_FORMATS, save_grid, save_npy
 from .pipeline import DEFAULT_STEPS, check_seed, check_timesteps, scheduler_for
 from .progress import Progress
-from .samplers import Denoiser, plan_sampling, run_plan
+from .samplers import Denoiser, Noise, plan_sampling, run_plan
 
 log = logging.getLogger(__name__)
 
@@ -134,20 +134,22 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
                     negative_prompts: Sequence[str] | None = None, classes: Sequence | None = None,
                     w: float | Sequence[float] = 0.0, *, steps: int | None = None, sampler: str | None = None,
                     spacing: str | None = None, scheduler: dict | None = None, seed: int | None = None,
-                    noise: np.ndarray | None = None,
+                    noise: np.ndarray | None = None, noise_source: Noise | None = None,
                     height: int | None = None, width: int | None = None, guidance: GuidanceOptions | None = None,
                     backend: str | None = None, backend_options: BackendOptions | None = None,
                     progress: Progress | None = None) -> PipelineResult:
     """Returns N images [N, H, W, 3] in [0, 1] and their final latents, one per prompt (a
-    text pipeline: SD, SDXL) or per class (DiT: indices or names).
+    text pipeline: SD, SDXL, SD3) or per class (DiT: indices or names).
 
     negative_prompts: one for all prompts, or one per prompt; they fill the null rows
     (default: the pipeline's own null: the empty prompt, or zeros for SDXL). w: the
     guidance weight, diffusers' guidance_scale = 1 + w. height, width: pixels (default
     the export's own size). noise: the initial latents [N, C, h, w] (default: drawn from
-    `seed`). Sampling follows the pipeline's scheduler config as diffusers runs it;
-    `sampler`, `scheduler` (config fields by their diffusers names) and `spacing` switch
-    or override it as for sample_guided.
+    `seed`); noise_source: where ancestral and SDE samplers draw during the steps (any
+    object with standard_normal(shape); default numpy's generator of `seed`). Sampling
+    follows the pipeline's scheduler config as diffusers runs it; `sampler`, `scheduler`
+    (config fields by their diffusers names) and `spacing` switch or override it as for
+    sample_guided.
     """
     artifact = as_artifact(artifact)
     pipeline = _pipeline(artifact)
@@ -216,7 +218,7 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
             if progress is not None:
                 progress(i + 1, len(plan))
 
-        result.latents = run_plan(plan, denoiser, x, rng, on_step)
+        result.latents = run_plan(plan, denoiser, x, noise_source or rng, on_step)
         result.stage_seconds["denoiser"] = model.model_seconds
         result.rows["denoiser"] = model.rows
         result.backend = runner.name

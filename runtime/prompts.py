@@ -9,6 +9,16 @@ together as the diffusers pipeline does:
   text_embeds [N, P]; time_ids [N, 6] = original size, crop (0, 0), target size. The
   null rows: zeros (force_zeros_for_empty_prompt) or the negative prompts' encodings;
   time_ids the same as the conditional rows.
+- StableDiffusion3Pipeline: both CLIP encoders' penultimate hidden states concatenated,
+  zero-padded to the T5 encoder's width and joined with T5's last hidden state along the
+  sequence -> encoder_hidden_states [N, L_clip + L_t5, D_t5]; both CLIP pooled
+  projections concatenated -> pooled_projections [N, P1 + P2]. The null rows: the empty
+  prompt's encoding (stored at export) or the negative prompts'.
+
+One rule covers the three: the hidden states of the CLIP encoders are concatenated on
+the feature axis; a T5 encoder's (its stage facts say family t5) are joined after them
+along the sequence, the CLIP part padded with zeros to T5's width; the pooled outputs
+present are concatenated into the condition pipeline.json names ("pooled").
 """
 from __future__ import annotations
 
@@ -84,10 +94,28 @@ class PromptConditions:
 
 
 def _encode(artifact: Artifact, stage: str, ids: np.ndarray, backend: str | None,
-            options: BackendOptions | None) -> tuple[dict[str, np.ndarray], float]:
+            options: BackendOptions | None) -> tuple[dict[str, np.ndarray], float, str]:
+    """Returns (the encoder's outputs, model seconds, its family: clip or t5)."""
     with open_backend(artifact, backend, options, stage=stage) as encoder:
         out = encoder.infer({"input_ids": ids})
-        return out, encoder.last_seconds
+        return out, encoder.last_seconds, encoder.manifest.facts.family
+
+
+def assemble_hidden(clip: list[np.ndarray], t5: list[np.ndarray]) -> np.ndarray:
+    """Returns the denoiser's text condition [B, L, D]: the CLIP hidden states [B, L, Di]
+    concatenated on the feature axis; with a T5 encoder's [B, L3, D3] (SD3), padded with
+    zeros to D3 and followed by T5's along the sequence: [B, L + L3, D3]."""
+    hidden = np.concatenate(clip, axis=-1) if clip else None
+    if not t5:
+        return hidden
+    (t5_hidden,) = t5
+    if hidden is None:
+        return t5_hidden
+    if hidden.shape[-1] > t5_hidden.shape[-1]:
+        raise CfgExportError(f"the CLIP hidden states are {hidden.shape[-1]} wide, wider than T5's "
+                             f"{t5_hidden.shape[-1]}; re-export the pipeline")
+    pad = np.zeros((*hidden.shape[:-1], t5_hidden.shape[-1] - hidden.shape[-1]), hidden.dtype)
+    return np.concatenate([np.concatenate([hidden, pad], axis=-1), t5_hidden], axis=-2)
 
 
 def encode_prompts(artifact: Artifact, prompts: list[str], negatives: list[str] | None, height: int, width: int,
@@ -100,28 +128,31 @@ def encode_prompts(artifact: Artifact, prompts: list[str], negatives: list[str] 
     n = len(prompts)
     texts = list(prompts) + list(negatives or [])
     result = PromptConditions({}, {})
-    hidden, pooled = [], None
+    clip, t5, pooled = [], [], []
     for entry in encoders:
         tokenizer = PromptTokenizer(artifact, entry["tokenizer"])
         tokens = tokenizer(texts)
         result.warnings += tokens.truncated
-        out, seconds = _encode(artifact, entry["stage"], tokens.ids, backend, options)
+        out, seconds, family = _encode(artifact, entry["stage"], tokens.ids, backend, options)
         result.rows += len(texts)
         result.seconds += seconds
-        hidden.append(out["hidden"])
+        (t5 if family == "t5" else clip).append(out["hidden"])
         if "pooled" in out:
-            pooled = out["pooled"]
-    hidden = np.concatenate(hidden, axis=-1)
+            pooled.append(out["pooled"])
+    encoded = {denoiser.condition.name: assemble_hidden(clip, t5)}
+    if pooled:
+        encoded[artifact.pipeline["prompt"].get("pooled", "text_embeds")] = np.concatenate(pooled, axis=-1)
     names = [c.name for c in denoiser.conditions]
-    main = names[0]
-    result.conds[main] = hidden[:n]
-    if pooled is not None:
-        result.conds["text_embeds"] = pooled[:n]
+    for name, rows in encoded.items():
+        if name not in names:
+            raise CfgExportError(f"{artifact.directory}: the text encoders give {name!r}, which the denoiser does "
+                                 f"not take ({', '.join(names)}); re-export the pipeline")
+        result.conds[name] = rows[:n]
     if "time_ids" in names:
         result.conds["time_ids"] = np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (n, 1))
     for c in denoiser.conditions:
         if negatives is not None and c.rule is not NullRule.COPY:
-            result.nulls[c.name] = {main: hidden, "text_embeds": pooled}[c.name][n:]
+            result.nulls[c.name] = encoded[c.name][n:]
         else:
             result.nulls[c.name] = null_rows(artifact, c, result.conds[c.name])
     return result

@@ -1,8 +1,9 @@
 """One TensorRT engine per stage of a pipeline artifact, each with its own profiles:
 text encoders 2N rows, the denoiser 2N rows, the VAE decoder N rows, and the spatial
 range of the export (image_size in pipeline.json, in latents for the denoiser and the
-VAE). A VAE whose config says force_upcast (SDXL's: it overflows in FP16) stays FP32
-in an FP16 build. Each engine is written in its stage folder (model.engine + engine.json).
+VAE). A VAE whose config says force_upcast (SDXL's: it overflows in FP16) and a T5 text
+encoder (SD3's) stay FP32 in an FP16 build. Each engine is written in its stage folder
+(model.engine + engine.json).
 """
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def plan_stages(artifact: "Artifact | str | Path", options: EngineOptions | None
         if stage == "vae_decoder" and options.fp16 and manifest.facts.force_upcast:
             stage_options = replace(options, fp16=False, keep_fp32=None)
             note = "vae_decoder stays FP32: its config says force_upcast (it overflows in FP16)"
+        elif options.fp16 and getattr(manifest.facts, "family", None) == "t5":
+            stage_options = replace(options, fp16=False, keep_fp32=None)
+            note = (f"{stage} stays FP32: T5 encoders overflow FP16 (transformers clamps their activations only "
+                    f"when PyTorch runs them in FP16; the exported graph has no clamps)")
         plans.append(StagePlan(stage, stage_options, sizes, note))
     return plans
 

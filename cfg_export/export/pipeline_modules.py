@@ -56,6 +56,20 @@ class DiTDenoiser(torch.nn.Module):
         return out[:, : self.channels]
 
 
+class SD3Denoiser(torch.nn.Module):
+    """sample [B, C, H, W], timestep [B] float32 (sigma x 1000), encoder_hidden_states
+    [B, L, D], pooled_projections [B, P] -> the flow velocity [B, C, H, W] of an
+    SD3Transformer2DModel."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
+        return self.transformer(hidden_states=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, return_dict=False)[0]
+
+
 class VaeDecoder(torch.nn.Module):
     """latents [N, C, h, w] (already divided by the scaling factor) -> images [N, 3, H, W] in about [-1, 1]."""
 

@@ -362,6 +362,7 @@ def export_stable_diffusion(folder: Path, name: str, writer: StageWriter) -> dic
     prompt = {"encoders": prompt_encoders, "force_zeros_for_empty_prompt": force_zeros}
     if xl:
         prompt["time_ids"] = ["original_size", "crops_coords_top_left", "target_size"]
+        prompt["pooled"] = "text_embeds"
     return {"image_size": sizes, "prompt": prompt}
 
 

@@ -5,12 +5,13 @@ model_index.json) -> a pipeline artifact, one stage per model:
                                the prompt facts, class names (DiT)
     OUT/tokenizer/             tokenizer.json (read on the device by the `tokenizers` package)
     OUT/text_encoder/          input_ids [2N, L] -> the hidden states the pipeline uses
+                               (tokenizer_2, text_encoder_2: SDXL, SD3; tokenizer_3, text_encoder_3: SD3's T5)
     OUT/denoiser/              the stacked 2N graph, every condition input with its null
     OUT/vae_decoder/           latents [N, C, h, w] -> images [N, 3, H, W]
 
 Supported: StableDiffusionPipeline (1.x, 2.x; eps or v), StableDiffusionXLPipeline,
-DiTPipeline. Everything is loaded from the folder with local_files_only: nothing is
-downloaded.
+StableDiffusion3Pipeline (flow matching), DiTPipeline. Everything is loaded from the
+folder with local_files_only: nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from cfg_export.runtime.files import check_export_target, staged_dir
 log = logging.getLogger(__name__)
 
 PIPELINE_INDEX = "model_index.json"
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "DiTPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline",
+                       "DiTPipeline")
 DEFAULT_TOLERANCE = 1e-4  # max relative error of ONNX Runtime against PyTorch, per stage
 
 # the components each pipeline class needs: (model_index key, what it is)
@@ -38,8 +40,13 @@ COMPONENTS = {
     "StableDiffusionPipeline": ("tokenizer", "text_encoder", "unet", "vae", "scheduler"),
     "StableDiffusionXLPipeline": ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae",
                                   "scheduler"),
+    "StableDiffusion3Pipeline": ("tokenizer", "tokenizer_2", "tokenizer_3", "text_encoder", "text_encoder_2",
+                                 "text_encoder_3", "transformer", "vae", "scheduler"),
     "DiTPipeline": ("transformer", "vae", "scheduler"),
 }
+# what a component is, for messages about one that is missing
+COMPONENT_NAMES = {"text_encoder_2": "its second text encoder", "text_encoder_3": "its T5 text encoder",
+                   "tokenizer_3": "its T5 tokenizer"}
 
 
 TOKENIZER_SOURCES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("spiece.model",))
@@ -93,7 +100,7 @@ def read_model_index(folder: Path) -> tuple[str, dict]:
     for key in COMPONENTS[name]:
         entry = index.get(key)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
-            what = "its second text encoder" if key == "text_encoder_2" else key
+            what = COMPONENT_NAMES.get(key, key)
             raise CfgExportError(f"{folder}: {name} without {key} ({what} is null or absent in {PIPELINE_INDEX}); "
                                  f"cfg-export needs every stage: {', '.join(COMPONENTS[name])}")
         check_component_files(folder, key, entry[1])
@@ -108,8 +115,8 @@ def export_pipeline(folder: str | Path, out_dir: str | Path, *, min_size: int | 
     diffusers pipeline folder `folder`.
 
     min_size, max_size: the image sizes in pixels (one number: square) the UNet graphs
-    take, default half and twice the model's own size; transformers (DiT, SD3) are
-    exported at their own size. Every stage is checked against PyTorch (ONNX Runtime on
+    take, default half and twice the model's own size (SD3: at most what its position
+    embedding covers); DiT is exported at its own size. Every stage is checked against PyTorch (ONNX Runtime on
     the CPU, relative error at most `tolerance`, default 1e-4) unless check is False.
     Weights over external_data_bytes (default just under 2 GiB) go to ONNX external
     data. Nothing is left in out_dir on failure.
@@ -131,6 +138,10 @@ def export_pipeline(folder: str | Path, out_dir: str | Path, *, min_size: int | 
         writer = parts.StageWriter(tmp, options, result)
         if name == "DiTPipeline":
             facts = parts.export_dit(folder, index, writer)
+        elif name == "StableDiffusion3Pipeline":
+            from cfg_export.export.pipeline_sd3 import export_sd3
+
+            facts = export_sd3(folder, index, writer)
         else:
             facts = parts.export_stable_diffusion(folder, name, writer)
         worst = max((c.max_rel for c in result.checks), default=0.0)

@@ -10,10 +10,10 @@ CLIP for its text encoder, which the runtime's rows replace with given embedding
 init_noise_sigma, [negative; prompt] rows, scale_model_input, uncond + s (text - uncond),
 rescale_noise_cfg, scheduler.step with the pipeline's extra_step_kwargs (its generator).
 
-Each row: final latents within 1e-5 of the largest latent value. The rows that need a
-whole pipeline export (tokenizers, text encoders, SDXL's added conditions, SD3's
-transformer) and `cfg-export sample --prompt` are listed as pending:
-benchmarks/scheduler_fidelity.py prints them with the others.
+Each row: final latents within 1e-5 of the largest latent value. The rows on whole
+pipelines (tokenizers, text encoders, SDXL's added conditions, SD3's transformer) and
+`cfg-export sample --prompt` are in tests/cfg_export/pipelines/test_scheduler_rows.py;
+benchmarks/scheduler_fidelity.py prints both tables.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from cfg_export.runtime.guidance import GuidanceOptions  # noqa: E402
 from cfg_export.runtime.pipeline import sample_guided  # noqa: E402
-from tests import tiny_diffusers  # noqa: E402
+from tests import tiny_diffusers, tiny_pipelines  # noqa: E402
 
 TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|
 STEPS = 8
@@ -40,13 +40,7 @@ N = 2
 
 # the scheduler configs of the model repositories (stable-diffusion-v1-5, stable-diffusion-2-1,
 # DiT-XL-2-256), as written by the diffusers of their day
-SD15_PNDM = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-             "steps_offset": 1, "trained_betas": None, "clip_sample": False}
-SD21_DDIM = {"_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-             "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-             "trained_betas": None}
+SD15_PNDM, SD21_DDIM = tiny_pipelines.SD15_PNDM, tiny_pipelines.SD21_DDIM
 DIT_DDIM = {"_class_name": "DDIMScheduler", "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
             "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": True,
             "steps_offset": 0, "trained_betas": None}
@@ -214,16 +208,6 @@ ROWS = [
     Row("sd2", "Euler (v-prediction)", "EulerDiscreteScheduler", sampler="euler", rescale=0.7),
     Row("dit", "DDIM, shipped"),
     Row("dit", "DPM++ 2M", "DPMSolverMultistepScheduler", sampler="dpmpp-2m"),
-]
-# Rows that need the pipeline export (tokenizers, text encoders, SDXL's added conditions,
-# SD3's transformer and three text encoders) and `cfg-export sample --prompt`: the pipeline's
-# __call__ against the CLI, for the same prompts, negative prompts, guidance and latents.
-PENDING = [
-    "SD 1.x pipeline __call__ vs cfg-export sample --prompt: PNDM, DDIM, Euler, Euler ancestral, DPM++ 2M "
-    "(plain, Karras, SDE), UniPC",
-    "SD 2.x pipeline __call__ (v-prediction): DDIM, Euler, with and without guidance_rescale",
-    "SDXL pipeline __call__: Euler, Euler ancestral, DPM++ 2M Karras",
-    "SD3 pipeline __call__: flow-matching Euler",
 ]
 # What the runtime gave before these samplers (its DDIM without the config's steps_offset
 # and set_alpha_to_one, no guidance_rescale, DDIM's linspace for DPM-Solver), for the notes.

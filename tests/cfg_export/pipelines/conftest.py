@@ -5,17 +5,21 @@ import pytest
 
 from tests import tiny_pipelines
 
+# each pipeline with the scheduler config its family ships
 SAVERS = {
-    "sd": lambda f: tiny_pipelines.save_sd(f),
-    "sd_v": lambda f: tiny_pipelines.save_sd(f, prediction_type="v_prediction"),
-    "sdxl": lambda f: tiny_pipelines.save_sdxl(f),
+    "sd": lambda f: tiny_pipelines.save_sd(f, scheduler=tiny_pipelines.SD15_PNDM),
+    "sd_v": lambda f: tiny_pipelines.save_sd(f, prediction_type="v_prediction", scheduler=tiny_pipelines.SD21_DDIM),
+    "sdxl": lambda f: tiny_pipelines.save_sdxl(f, scheduler=tiny_pipelines.SDXL_EULER),
+    "sd3": lambda f: tiny_pipelines.save_sd3(f),
     "dit": lambda f: tiny_pipelines.save_dit(f),
 }
 
 
 @pytest.fixture(scope="session")
 def pipeline_folders(tmp_path_factory) -> dict[str, Path]:
-    """Pipeline folders saved by diffusers: sd (eps), sd_v (v-prediction, as SD 2.x), sdxl, dit."""
+    """Pipeline folders saved by diffusers, each with its family's shipped scheduler: sd
+    (SD 1.5's PNDM, eps), sd_v (SD 2.1's DDIM, v-prediction), sdxl (SDXL's Euler), sd3
+    (flow-matching Euler), dit (DDIM)."""
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("pipelines")

@@ -86,18 +86,20 @@ def test_long_prompt_is_truncated_with_a_warning_naming_the_dropped_words(pipeli
     assert len(warning) == 1 and f"dropped: {dropped!r}" in warning[0], proc.stderr
 
 
-def test_runtime_samples_without_torch_diffusers_or_transformers(pipeline_artifacts, tmp_path):
-    """python -m runtime sample with torch, diffusers and transformers blocked: the runtime
-    copied alone (numpy, pillow, click, onnxruntime, tokenizers)."""
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_runtime_samples_without_torch_diffusers_or_transformers(pipeline_artifacts, tmp_path, name):
+    """python -m runtime sample with torch, diffusers, transformers and sentencepiece
+    blocked: the runtime copied alone (numpy, pillow, click, onnxruntime, tokenizers);
+    SD3's T5 tokenizer is read from tokenizer.json."""
     shutil.copytree(ROOT / "runtime", tmp_path / "runtime")
     code = textwrap.dedent(f"""
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "diffusers", "transformers", "cfg_export"):
+                if name.split(".")[0] in ("torch", "diffusers", "transformers", "cfg_export", "sentencepiece"):
                     raise ImportError(name + " is blocked for this test")
         sys.meta_path.insert(0, Block())
-        sys.argv = ["runtime", "sample", {str(pipeline_artifacts['sdxl'])!r}, "--prompt", "a red car",
+        sys.argv = ["runtime", "sample", {str(pipeline_artifacts[name])!r}, "--prompt", "a red car",
                     "--steps", "2", "--w", "5", "-o", {str(tmp_path / 'car.png')!r}]
         import runpy
         runpy.run_module("runtime", run_name="__main__")
@@ -121,11 +123,17 @@ def _copy(folder, tmp_path, name="broken"):
     ("missing_stage", "model_index.json names vae (AutoencoderKL) but"),
     ("missing_tokenizer_files", "no tokenizer files (expected tokenizer.json, or vocab.json and merges.txt"),
     ("unsupported_class", "pipeline class 'KandinskyPipeline' is not supported; supported: StableDiffusionPipeline, "
-                          "StableDiffusionXLPipeline, DiTPipeline"),
+                          "StableDiffusionXLPipeline, StableDiffusion3Pipeline, DiTPipeline"),
     ("sdxl_without_text_encoder_2", "StableDiffusionXLPipeline without text_encoder_2 (its second text encoder"),
+    ("sd3_without_text_encoder_3", "StableDiffusion3Pipeline without text_encoder_3 (its T5 text encoder is null or "
+                                   "absent in model_index.json); cfg-export needs every stage"),
+    ("sd3_without_t5_tokenizer_files", "tokenizer_3: no tokenizer files (expected tokenizer.json"),
+    ("sd3_missing_transformer", "model_index.json names transformer (SD3Transformer2DModel) but"),
+    ("sd3_with_a_vp_scheduler", "StableDiffusion3Pipeline with 'DDIMScheduler'; its transformer is a flow-matching "
+                                "model: expected FlowMatchEulerDiscreteScheduler"),
 ])
 def test_export_refuses_broken_folders(pipeline_folders, tmp_path, case, expected):
-    source = pipeline_folders["sdxl" if case == "sdxl_without_text_encoder_2" else "sd"]
+    source = pipeline_folders[case.split("_")[0] if case.startswith(("sdxl_", "sd3_")) else "sd"]
     folder = _copy(source, tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
     if case == "missing_stage":
@@ -134,6 +142,15 @@ def test_export_refuses_broken_folders(pipeline_folders, tmp_path, case, expecte
         (folder / "tokenizer" / "merges.txt").unlink()
     elif case == "unsupported_class":
         index["_class_name"] = "KandinskyPipeline"
+    elif case == "sd3_without_text_encoder_3":
+        index["text_encoder_3"] = [None, None]
+    elif case == "sd3_without_t5_tokenizer_files":
+        (folder / "tokenizer_3" / "tokenizer.json").unlink()
+    elif case == "sd3_missing_transformer":
+        shutil.rmtree(folder / "transformer")
+    elif case == "sd3_with_a_vp_scheduler":
+        config = dict(tiny_pipelines.SD21_DDIM)
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     else:
         index["text_encoder_2"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index))
@@ -155,6 +172,10 @@ def test_export_refuses_broken_folders(pipeline_folders, tmp_path, case, expecte
     ("sd", ["--prompt", "a", "--negative-prompt", "b", "--negative-prompt", "c", "--negative-prompt", "d"],
      "--negative-prompt: got 3, expected one for all prompts or one per prompt (1)"),
     ("sd", ["--prompt", "a", "--noise", "NOISE"], "--noise: got shape [1, 4, 2, 2], expected [1, 4, 8, 8]"),
+    ("sd3", ["--prompt", "a", "--noise", "NOISE"], "--noise: got shape [1, 4, 2, 2], expected [1, 16, 8, 8]"),
+    ("sd3", ["--prompt", "a", "--height", "64"], "--height: got 64, outside the exported range 8..32"),
+    ("sd3", ["--prompt", "a", "--width", "18"], "--width: got 18, expected a multiple of 4 pixels"),
+    ("sd3", ["--classes", "1"], "--classes: this pipeline takes prompts (--prompt), not class labels"),
 ])
 def test_sample_refuses_bad_input(pipeline_artifacts, tmp_path, name, args, expected):
     (tmp_path / "empty.txt").write_text("\n  \n")
@@ -177,6 +198,17 @@ def test_export_refuses_size_options_on_a_transformer(pipeline_folders, tmp_path
         from cfg_export.export.pipelines import export_pipeline
 
         export_pipeline(pipeline_folders["dit"], tmp_path / "out", max_size=32)
+    assert not (tmp_path / "out").exists()
+
+
+def test_sd3_export_refuses_sizes_beyond_its_position_embedding(pipeline_folders, tmp_path):
+    """SD3 crops its position embedding (pos_embed_max_size patches a side) to the image:
+    larger images than it covers are refused at export, naming the limit."""
+    from cfg_export.export.pipelines import export_pipeline
+
+    with pytest.raises(CfgExportError, match=r"--max-size: got 64x64, beyond the 32x32 pixels the transformer's "
+                                             r"position embedding covers \(pos_embed_max_size 8 patches"):
+        export_pipeline(pipeline_folders["sd3"], tmp_path / "out", max_size=64)
     assert not (tmp_path / "out").exists()
 
 

@@ -45,3 +45,39 @@ def test_engines_per_stage_sample_like_onnxruntime(pipeline_artifacts, fake, tmp
     ort = sample_pipeline(artifact, backend="onnxruntime-cpu", **kwargs)
     assert trt.backend == "tensorrt"
     np.testing.assert_allclose(trt.images, ort.images, atol=1e-6)
+
+
+def test_sd3_print_trtexec_five_stages(pipeline_artifacts):
+    """SD3: three text encoders (T5 at 256 tokens, FP32 in an FP16 build), the transformer
+    over the exported size range with its joint context, the VAE (force_upcast: FP32)."""
+    proc = run_here("trt", pipeline_artifacts["sd3"], "--fp16", "--print-trtexec", "--max-batch", "4")
+    assert proc.returncode == 0, proc.output
+    lines = [line for line in proc.output.splitlines() if line.startswith("trtexec ")]
+    assert [line.split("--onnx=")[1].split("/model.onnx")[0].rsplit("/", 1)[1] for line in lines] == \
+        ["text_encoder", "text_encoder_2", "text_encoder_3", "denoiser", "vae_decoder"]
+    clip, _, t5, denoiser, vae = lines
+    assert "--minShapes=input_ids:2x16 " in clip and "--fp16" in clip
+    assert "--minShapes=input_ids:2x256 " in t5 and "--maxShapes=input_ids:8x256 " in t5 + " " and "--fp16" not in t5
+    assert "--minShapes=sample:2x16x4x4," in denoiser and "--maxShapes=sample:8x16x16x16," in denoiser
+    assert "encoder_hidden_states:8x272x64" in denoiser and "pooled_projections:8x24" in denoiser
+    assert "--fp16" in denoiser and "--fp16" not in vae
+    assert "text_encoder_3 stays FP32: T5 encoders overflow FP16" in proc.output
+
+
+def test_sd3_engines_per_stage_sample_like_onnxruntime(pipeline_artifacts, fake, tmp_path):  # noqa: F811
+    fake()
+    artifact = shutil.copytree(pipeline_artifacts["sd3"], tmp_path / "sd3")
+    results = build_pipeline_engines(artifact, EngineOptions(fp16=True, max_batch=4))
+    assert [r.plan.engine_path.parent.name for r in results] == ["text_encoder", "text_encoder_2", "text_encoder_3",
+                                                                  "denoiser", "vae_decoder"]
+    t5 = json.loads((artifact / "text_encoder_3" / "engine.json").read_text())
+    assert t5["precision"] == "fp32" and t5["engine"]["profiles"][0]["rows"] == [2, 8, 8]
+    denoiser = json.loads((artifact / "denoiser" / "engine.json").read_text())
+    assert denoiser["precision"] == "fp16"
+    noise = np.random.default_rng(0).standard_normal((2, 16, 6, 8)).astype(np.float32)
+    kwargs = dict(prompts=["a red car", "a cat"], negative_prompts=["blurry"], w=3.0, steps=2, noise=noise,
+                  height=12, width=16)
+    trt = sample_pipeline(artifact, backend="tensorrt", **kwargs)
+    ort = sample_pipeline(artifact, backend="onnxruntime-cpu", **kwargs)
+    assert trt.backend == "tensorrt"
+    np.testing.assert_allclose(trt.images, ort.images, atol=1e-6)
