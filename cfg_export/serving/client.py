@@ -242,6 +242,9 @@ def send_request(url: str, *, timeout: float | None = None, **options) -> Reques
     DiT's classes), request_samples for a one-denoiser server; options are theirs (None:
     the default), and an option of the other kind is refused with one line. classes may
     be strings (a DiT server takes names)."""
+    if all(options.get(name) is None for name in ("out", "npy", "latents")):
+        raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy (from a pipeline server also "
+                             "--latents FILE.npy)")
     with SamplerClient(url, timeout) as client:
         pipeline = client.parameters().get("kind") == "pipeline"
     given = {name: value for name, value in options.items() if value is not None}

@@ -31,3 +31,30 @@ def server(tiny_artifacts, tmp_path_factory):
     repository = write_repository(tiny_artifacts / "stacked", root / "repo", RepositoryOptions(**SERVER_OPTIONS))
     with TritonServer(repository.directory, grpc=True, log_path=root / "triton.log", startup_timeout=120) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def served_pipelines(tmp_path_factory):
+    """Tiny diffusers pipelines (tests/tiny_pipelines.py) exported by cfg-export onnx:
+    sd (one text encoder), sdxl (two, pooled and time_ids), dit (class labels and names)."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from cfg_export.export.pipelines import export_pipeline
+    from tests import tiny_pipelines
+
+    root = tmp_path_factory.mktemp("served_pipelines")
+    savers = {"sd": tiny_pipelines.save_sd, "sdxl": tiny_pipelines.save_sdxl, "dit": tiny_pipelines.save_dit}
+    for name, save in savers.items():
+        export_pipeline(save(root / f"{name}-diffusers"), root / name)
+    return {name: root / name for name in savers}
+
+
+def start_server(artifact, root, **options):
+    """A started TritonServer for the artifact's repository (written under `root`)."""
+    from cfg_export.serving.options import RepositoryOptions
+    from cfg_export.serving.repository import write_repository
+    from cfg_export.serving.server import TritonServer
+
+    repository = write_repository(artifact, root / "repo", RepositoryOptions(**options))
+    return TritonServer(repository.directory, log_path=root / "triton.log", startup_timeout=120).start()
