@@ -27,25 +27,28 @@ def repository_flags(f):
                      help="Rows of one merged denoiser batch (default 64; tensorrt_plan: the largest profile)."),
         click.option("--queue-delay-us", type=int, default=None,
                      help="How long the batcher waits for more rows, in microseconds (default 100)."),
-        click.option("--sampler-instances", type=int, default=None,
-                     help="Sampling runs in flight at once, one process each (default 16)."),
+        click.option("--sampler-instances", type=int, default=None, help="Sampler processes (default 2)."),
+        click.option("--runs-per-sampler", type=int, default=None,
+                     help="Sampling runs in flight in each sampler process, one thread each; their rows merge before "
+                          "they leave the process (default 8)."),
         click.option("--denoiser-instances", type=int, default=None, help="Denoiser model instances (default 1)."),
         click.option("--max-queue", type=int, default=None,
                      help="Requests waiting for a sampler instance; more are refused at once (default 64)."),
         click.option("--no-row-batching", is_flag=True, default=False,
-                     help="Do not merge the rows of different requests (one denoiser call per request and step)."),
+                     help="Do not merge the rows of different requests (one model call per request and step)."),
     ]):
         f = decorator(f)
     return f
 
 
 def repository_options(platform, backend, threads, max_images, max_steps, max_rows, queue_delay_us,
-                       sampler_instances, denoiser_instances, max_queue, no_row_batching):
+                       sampler_instances, runs_per_sampler, denoiser_instances, max_queue, no_row_batching):
     from cfg_export.serving.options import RepositoryOptions
 
     return RepositoryOptions(platform=platform, backend=backend, threads=threads, max_images=max_images,
                              max_steps=max_steps, max_rows=max_rows, queue_delay_us=queue_delay_us,
-                             sampler_instances=sampler_instances, denoiser_instances=denoiser_instances,
+                             sampler_instances=sampler_instances, runs_per_sampler=runs_per_sampler,
+                             denoiser_instances=denoiser_instances,
                              max_queue=max_queue, row_batching=False if no_row_batching else None)
 
 
@@ -70,7 +73,7 @@ def triton_command(artifact, out, overwrite, **flags):
     options = repository.options
     say(f"wrote {repository.directory} (models {', '.join(repository.models)}; denoiser {options.platform}, "
         f"up to {options.max_rows} rows per batch{'' if options.row_batching else ', no row batching'}; "
-        f"{options.sampler_instances} sampler instances)")
+        f"{options.sampler_instances} sampler instances x {options.runs_per_sampler} runs)")
 
 
 @click.command("serve", cls=Command, context_settings=CONTEXT)

@@ -19,7 +19,7 @@ from cfg_export.runtime.manifest import ConditionKind, Manifest, TensorSpec
 from .config import Word, config_text, parameters, tensor_config, triton_dtype
 from .options import RepositoryOptions
 from .stages import (ARTIFACT_DIR, VERSION, copy_artifact, copy_model_code, copy_runtime, denoiser_manifest,
-                     link_or_copy, stage_files)
+                     link_or_copy, stage_files, stage_manifest, stage_rows)
 
 SAMPLES = "samples"  # the one-denoiser sampler's output
 F64, I64, TEXT = triton_dtype("float64"), triton_dtype("int64"), triton_dtype("bytes")
@@ -45,9 +45,11 @@ def _common_inputs() -> list[tuple[str, dict, bool]]:
     ]
 
 
-def _sampler_config(inputs: list[dict], outputs: list[dict], options: RepositoryOptions, values: dict) -> dict:
-    """No batching of its own (one request is one run), `sampler_instances` runs in
-    flight, at most `max_queue` requests waiting."""
+def _sampler_config(inputs: list[dict], outputs: list[dict], options: RepositoryOptions, values: dict,
+                    model_rows: dict[str, int]) -> dict:
+    """No batching of its own (one request is one run), `sampler_instances` processes of
+    `runs_per_sampler` runs in flight each, at most `max_queue` requests waiting.
+    model_rows: the max_batch_size of each model the sampler calls (its merged calls stay within)."""
     return {
         "name": "sampler",
         "backend": "python",
@@ -58,7 +60,9 @@ def _sampler_config(inputs: list[dict], outputs: list[dict], options: Repository
         "dynamic_batching": {"default_queue_policy": {"max_queue_size": options.max_queue}},
         "instance_group": [{"kind": Word("KIND_CPU"), "count": options.sampler_instances}],
         "parameters": parameters({"engine": int(options.platform == "tensorrt_plan"),
-                                  "max_images": options.max_images, "max_steps": options.max_steps, **values}),
+                                  "max_images": options.max_images, "max_steps": options.max_steps,
+                                  "runs": options.runs_per_sampler, "merge": int(options.row_batching),
+                                  "model_rows": json.dumps(model_rows), **values}),
     }
 
 
@@ -86,7 +90,7 @@ def sampler_config(manifest: Manifest, options: RepositoryOptions) -> dict:
         "denoiser_model": DENOISER,
         "condition": json.dumps(manifest.facts.condition.to_dict()),
         "sample_shape": json.dumps(list(manifest.facts.sample_shape)),
-    })
+    }, {DENOISER: stage_rows(DENOISER, manifest, options)})
 
 
 def write_sampler(artifact: Artifact, options: RepositoryOptions, model_dir: Path) -> str:
@@ -134,7 +138,8 @@ def pipeline_sampler_config(artifact: Artifact, options: RepositoryOptions) -> d
         "text": int(text),
         "stage_models": json.dumps({stage: stage for stage in pipeline_model_stages(artifact)}),
         "image_size": json.dumps(pipeline["image_size"]),
-    })
+    }, {stage: stage_rows(stage, stage_manifest(artifact, stage, options), options)
+        for stage in pipeline_model_stages(artifact)})
 
 
 def copy_pipeline(artifact: Artifact, target: Path, engine: bool) -> None:

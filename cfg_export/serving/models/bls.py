@@ -1,12 +1,22 @@
 """What the sampler models of the repository share: the models of this server as runtime
-Backends called through BLS (Business Logic Scripting), reading a request's optional
-inputs, and the one-line error responses.
+Backends called through BLS (Business Logic Scripting), the runs in flight in one sampler
+process and the merging of their rows, reading a request's optional inputs, and the
+one-line error responses.
+
+A sampler process runs up to `runs` requests at once, each in a thread of its own (the
+runtime's sampling loop is synchronous), and answers each through its response sender
+when it is done, so a short run never waits for a long one. With row merging on, the
+model calls of those runs are merged before they leave the process: once every run in
+flight is waiting for a model, the calls to each model (with the same row shape) go as
+one BLS request, so the process pays one round trip per step for all its runs. Triton's
+dynamic batchers then merge the calls of the different sampler processes.
 
 Copied beside the sampler's model.py; it imports only numpy, Triton's
 triton_python_backend_utils and the runtime copied beside it.
 """
 import json
 import logging
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -23,15 +33,16 @@ class Cancelled(Exception):
 
 class TritonModel(Backend):
     """A model of this Triton server as a runtime Backend: _infer sends the rows through
-    BLS and waits for the outputs. The model's dynamic batcher merges the rows of every
-    run in flight into shared batches."""
+    BLS (or through the process's RowMerger, which may send them with other runs' rows)
+    and waits for the outputs."""
 
     name = "triton"
 
-    def __init__(self, manifest, model_name):
+    def __init__(self, manifest, model_name, merger=None):
         super().__init__(manifest)
         self.model_name = model_name
         self.output_names = [spec.name for spec in manifest.outputs]
+        self.merger = merger
 
     def activate(self):
         pass
@@ -40,6 +51,10 @@ class TritonModel(Backend):
         pass
 
     def _infer(self, feeds):
+        return self.merger.call(self, feeds) if self.merger is not None else self.send(feeds)
+
+    def send(self, feeds):
+        """One BLS request of these rows; returns the outputs by name."""
         # a [rows] input is declared [1] per row (the config's reshape): send [rows, 1]
         inputs = [pb_utils.Tensor(name, np.ascontiguousarray(value.reshape(len(value), -1) if value.ndim == 1
                                                              else value)) for name, value in feeds.items()]
@@ -49,6 +64,139 @@ class TritonModel(Backend):
         if response.has_error():
             raise CfgExportError(f"the {self.model_name} model failed: {response.error().message()}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in self.output_names}
+
+
+class _Call:
+    """One run's call of a model, waiting to be sent."""
+
+    def __init__(self, model, feeds):
+        self.model, self.feeds = model, feeds
+        self.rows = len(next(iter(feeds.values())))
+        self.key = (model.model_name, tuple((name, v.shape[1:], v.dtype.str) for name, v in feeds.items()))
+        self.done = threading.Event()
+        self.outputs = self.error = None
+
+
+class RowMerger:
+    """Merges the model calls of the runs in flight in this process (see the module
+    docstring). merge False: every call goes alone. max_rows: the largest batch, in rows,
+    each model takes (its max_batch_size); a merged call never exceeds it."""
+
+    def __init__(self, merge, max_rows):
+        self.merge = merge
+        self.max_rows = max_rows
+        self.lock = threading.Lock()
+        self.active = 0  # runs in flight
+        self.waiting = []  # their calls not sent yet
+
+    def start_run(self):
+        with self.lock:
+            self.active += 1
+
+    def end_run(self):
+        with self.lock:
+            self.active -= 1
+            ready = self._take()
+        self._send(ready)
+
+    def _take(self):
+        """The calls to send now (under the lock): all of them once every run waits."""
+        if self.waiting and len(self.waiting) >= self.active:
+            ready, self.waiting = self.waiting, []
+            return ready
+        return []
+
+    def call(self, model, feeds):
+        """Returns this run's outputs of one model call, sent with other runs' calls when merging."""
+        if not self.merge:
+            return model.send(feeds)
+        call = _Call(model, feeds)
+        with self.lock:
+            self.waiting.append(call)
+            ready = self._take()
+        self._send(ready)
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.outputs
+
+    def _send(self, calls):
+        """Sends the calls: one BLS request per model and row shape (split at the model's
+        max rows), the first here, the others from threads of their own."""
+        groups = {}
+        for call in calls:
+            groups.setdefault(call.key, []).append(call)
+        batches = []
+        for group in groups.values():
+            limit = self.max_rows.get(group[0].model.model_name, 0)
+            batch, rows = [], 0
+            for call in group:
+                if batch and limit and rows + call.rows > limit:
+                    batches.append(batch)
+                    batch, rows = [], 0
+                batch.append(call)
+                rows += call.rows
+            batches.append(batch)
+        for batch in batches[1:]:
+            threading.Thread(target=self._send_batch, args=(batch,), daemon=True).start()
+        if batches:
+            self._send_batch(batches[0])
+
+    @staticmethod
+    def _send_batch(batch):
+        try:
+            if len(batch) == 1:
+                parts = [batch[0].model.send(batch[0].feeds)]
+            else:
+                feeds = {name: np.concatenate([c.feeds[name] for c in batch]) for name in batch[0].feeds}
+                outputs = batch[0].model.send(feeds)
+                bounds = np.cumsum([0, *(c.rows for c in batch)])
+                parts = [{name: value[lo:hi] for name, value in outputs.items()}
+                         for lo, hi in zip(bounds[:-1], bounds[1:])]
+            for call, part in zip(batch, parts):
+                call.outputs = part
+        except Exception as exc:  # every run of the batch sees the failure
+            for call in batch:
+                call.error = exc
+        for call in batch:
+            call.done.set()
+
+
+class RunPool:
+    """Runs each request of a sampler instance in a thread of its own, at most `runs` at
+    once (execute blocks for a free slot, so further requests wait in Triton's queue), and
+    answers it through its response sender when its run is done."""
+
+    def __init__(self, runs, merger):
+        self.slots = threading.Semaphore(runs)
+        self.merger = merger
+
+    def submit(self, requests, run, what):
+        """Starts the runs of `requests` (run(request) -> output tensors); returns None, as
+        execute does when its responses are sent by the response senders."""
+        for request in requests:
+            self.slots.acquire()
+            self.merger.start_run()
+            threading.Thread(target=self._serve, args=(request, run, what), daemon=True).start()
+        return None
+
+    def _serve(self, request, run, what):
+        try:
+            sender = request.get_response_sender()  # taken first: nothing may fail before the run's slot is freed
+            response = respond(request, run, what)
+        finally:
+            self.merger.end_run()
+            self.slots.release()
+        try:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        except Exception:
+            log.exception("%s: the response could not be sent", what)
+
+
+def run_pool(params):
+    """The RunPool and RowMerger of a sampler instance, from its config parameters."""
+    merger = RowMerger(params.get("merge", "1") == "1", {k: int(v) for k, v in json.loads(params["model_rows"]).items()})
+    return RunPool(int(params.get("runs", "1")), merger), merger
 
 
 def parameters(args) -> dict:

@@ -5,9 +5,10 @@ Copied into REPO/sampler/1/model.py by `cfg-export triton`, with bls.py beside i
 imports the runtime copied beside it (never cfg_export, never torch). The runtime's own
 pipeline (runtime.pipeline_sampling.sample_pipeline) runs unchanged: the tokenizers run
 here (the `tokenizers` package), and every model stage (text encoders, denoiser, VAE
-decoder) is a model of this server, called through BLS, so Triton's dynamic batchers
-merge the rows of every run in flight into shared batches of each stage. Each instance
-(a process of its own) runs one request at a time.
+decoder) is a model of this server, called through BLS, and the rows of every run in
+flight share each stage's batches: merged in the sampler process (bls.RowMerger) and
+across processes by Triton's dynamic batchers. Each instance (a process of its own) runs
+up to `runs` requests at once, one thread each.
 
 A request is checked before any model call where that is cheap (count, steps, w, size);
 a bad one gets an error response of one line and the instance goes on with the next.
@@ -25,7 +26,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from bls import (TritonModel, cancel_check, parameters, read_input, read_json, read_scalar,  # noqa: E402
-                 read_texts, respond)
+                 read_texts, run_pool)
 from runtime.artifact import Artifact  # noqa: E402  (the runtime copied beside this file)
 from runtime.errors import CfgExportError  # noqa: E402
 from runtime.guidance import GuidanceOptions, check_w  # noqa: E402
@@ -40,14 +41,15 @@ class TritonPythonModel:
         self.artifact = Artifact.open(os.path.join(HERE, "artifact"))
         self.text = is_text_pipeline(self.artifact)
         engine = params.get("engine") == "1"
+        self.pool, merger = run_pool(params)
         self.models = {}
         for stage, model_name in json.loads(params["stage_models"]).items():
             s = self.artifact.stage(stage)
             manifest = (s.engine if engine and s.engine is not None else s.onnx or s.engine).manifest
-            self.models[stage] = TritonModel(manifest, model_name).__enter__()
+            self.models[stage] = TritonModel(manifest, model_name, merger).__enter__()
 
     def execute(self, requests):
-        return [respond(request, self._sample, "sampler") for request in requests]
+        return self.pool.submit(requests, self._sample, "sampler")
 
     def _sample(self, request):
         prompts, classes = read_texts(request, "prompt"), read_texts(request, "classes")

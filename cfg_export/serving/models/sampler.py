@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from bls import TritonModel, cancel_check, parameters, read_input, read_json, read_scalar, respond  # noqa: E402
+from bls import TritonModel, cancel_check, parameters, read_input, read_json, read_scalar, run_pool  # noqa: E402
 from runtime.artifact import Artifact  # noqa: E402  (the runtime copied beside this file)
 from runtime.errors import CfgExportError  # noqa: E402
 from runtime.guidance import GuidanceOptions  # noqa: E402
@@ -38,11 +38,12 @@ class TritonPythonModel:
         self.artifact = Artifact.open(os.path.join(HERE, "artifact"))
         stage = self.artifact.stage()
         manifest = (stage.engine if params.get("engine") == "1" else stage.onnx).manifest
-        self.denoiser = TritonModel(manifest, params["denoiser_model"])
+        self.pool, merger = run_pool(params)
+        self.denoiser = TritonModel(manifest, params["denoiser_model"], merger)
         self.denoiser.__enter__()
 
     def execute(self, requests):
-        return [respond(request, self._sample, "sampler") for request in requests]
+        return self.pool.submit(requests, self._sample, "sampler")
 
     def _sample(self, request):
         cond = read_input(request, "cond")

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-SERVER_OPTIONS = dict(sampler_instances=4, max_queue=4, max_images=8, queue_delay_us=2000)
+SERVER_OPTIONS = dict(sampler_instances=2, runs_per_sampler=2, max_queue=4, max_images=8, queue_delay_us=2000)
 
 
 def tritonserver_available() -> bool:
@@ -19,8 +19,8 @@ needs_tritonserver = pytest.mark.skipif(not tritonserver_available(),
 
 @pytest.fixture(scope="module")
 def server(tiny_artifacts, tmp_path_factory):
-    """A started TritonServer serving tests.models:conv2d (stacked, T = 100): 4 sampler
-    instances, at most 4 requests waiting, 8 images per request; HTTP and gRPC."""
+    """A started TritonServer serving tests.models:conv2d (stacked, T = 100): 2 sampler
+    processes of 2 runs each, at most 4 requests waiting, 8 images per request; HTTP and gRPC."""
     if not tritonserver_available():
         pytest.skip("no tritonserver: pip install 'cfg-export[serve]' (nvidia-pytriton)")
     from cfg_export.serving.options import RepositoryOptions

@@ -35,7 +35,10 @@ def test_sdxl_repository_has_a_batched_model_per_stage(served_pipelines, tmp_pat
     assert shapes(parsed(repo, "vae_decoder").input) == {"latents": ([4, -1, -1], False)}
     assert shapes(parsed(repo, "vae_decoder").output) == {"images": ([3, -1, -1], False)}
     sampler = parsed(repo, "sampler")
-    assert sampler.max_batch_size == 0 and sampler.instance_group[0].count == 16
+    assert sampler.max_batch_size == 0 and sampler.instance_group[0].count == 2
+    assert sampler.parameters["runs"].string_value == "8" and sampler.parameters["merge"].string_value == "1"
+    assert json.loads(sampler.parameters["model_rows"].string_value) == {
+        name: 64 for name in ("text_encoder", "text_encoder_2", "denoiser", "vae_decoder")}
     assert {i.name for i in sampler.input} == {
         "prompt", "negative_prompt", "w", "seed", "steps", "sampler", "spacing", "scheduler", "w_schedule", "interval",
         "threshold", "guidance_rescale", "height", "width", "noise"}
@@ -60,6 +63,7 @@ def test_dit_repository_takes_classes_and_sd_keeps_its_null_embedding(served_pip
     assert "prompt" not in {i.name for i in parsed(dit, "sampler").input}
     assert not parsed(dit, "denoiser").HasField("dynamic_batching")
     assert not parsed(dit, "vae_decoder").HasField("dynamic_batching")
+    assert parsed(dit, "sampler").parameters["merge"].string_value == "0"
     sd = write_repository(served_pipelines["sd"], tmp_path / "sd")
     assert sd.models == ["text_encoder", "denoiser", "vae_decoder", "sampler"]
     assert (sd.directory / "sampler" / "1" / "artifact" / "denoiser" / "null_embedding.npy").is_file()
@@ -94,6 +98,7 @@ def test_tensorrt_plan_pipeline_configs_take_each_stage_engines_profiles(served_
         assert (repo.directory / name / "1" / "model.plan").read_bytes() == (artifact / name / "model.engine").read_bytes()
     sampler = parsed(repo, "sampler")
     assert sampler.parameters["engine"].string_value == "1" and sampler.parameters["max_images"].string_value == "4"
+    assert json.loads(sampler.parameters["model_rows"].string_value) == {name: r for name, (r, _) in rows.items()}
     assert (repo.directory / "sampler" / "1" / "artifact" / "vae_decoder" / "engine.json").is_file()
     vae = json.loads((artifact / "vae_decoder" / "engine.json").read_text())  # a VAE engine for 2 images only
     vae["engine"]["profiles"][0]["rows"] = [1, 2, 2]
