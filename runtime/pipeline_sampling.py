@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -17,13 +18,14 @@ from typing import Sequence
 import numpy as np
 
 from .artifact import Artifact, as_artifact
-from .backends import BackendOptions, open_backend
+from .backends import BackendOptions
 from .errors import CfgExportError
 from .files import check_output_file
 from .guidance import GuidanceOptions, guided_model
 from .images import IMAGE_FORMATS, save_grid, save_npy
 from .pipeline import DEFAULT_STEPS, check_seed, check_timesteps, scheduler_for
 from .progress import Progress
+from .prompts import StageBackends, stage_backend
 from .samplers import Denoiser, Noise, plan_sampling, run_plan
 
 log = logging.getLogger(__name__)
@@ -109,11 +111,11 @@ def make_latents(shape: tuple[int, ...], rng: np.random.Generator, noise) -> np.
     return noise.astype(np.float64)
 
 
-def decode_latents(artifact: Artifact, latents: np.ndarray, backend: str | None,
+def decode_latents(artifact: Artifact, latents: np.ndarray, backend: "str | StageBackends | None",
                    options: BackendOptions | None) -> tuple[np.ndarray, float]:
     """Returns (images [N, H, W, 3] float32 in [0, 1], model seconds): the VAE decoder on
     latents / scaling_factor (+ shift_factor), then (x / 2 + 0.5) clipped, as diffusers does."""
-    with open_backend(artifact, backend, options, stage="vae_decoder") as vae:
+    with stage_backend(artifact, "vae_decoder", backend, options) as vae:
         facts = vae.manifest.facts
         z = latents.astype(np.float32)
         if facts.latents_mean is not None:
@@ -136,7 +138,7 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
                     spacing: str | None = None, scheduler: dict | None = None, seed: int | None = None,
                     noise: np.ndarray | None = None, noise_source: Noise | None = None,
                     height: int | None = None, width: int | None = None, guidance: GuidanceOptions | None = None,
-                    backend: str | None = None, backend_options: BackendOptions | None = None,
+                    backend: "str | StageBackends | None" = None, backend_options: BackendOptions | None = None,
                     progress: Progress | None = None) -> PipelineResult:
     """Returns N images [N, H, W, 3] in [0, 1] and their final latents, one per prompt (a
     text pipeline: SD, SDXL, SD3) or per class (DiT: indices or names).
@@ -149,7 +151,9 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
     object with standard_normal(shape); default numpy's generator of `seed`). Sampling
     follows the pipeline's scheduler config as diffusers runs it; `sampler`, `scheduler`
     (config fields by their diffusers names) and `spacing` switch or override it as for
-    sample_guided.
+    sample_guided. backend: a backend name (each stage opened and closed here, with
+    backend_options), or open backends by stage name, used as they are (a server's model
+    connections; runtime.prompts.stage_backend).
     """
     artifact = as_artifact(artifact)
     pipeline = _pipeline(artifact)
@@ -174,7 +178,8 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
                                  f"one per prompt ({n})")
     height, width = check_size(artifact, height, width)
     manifest = artifact.manifest
-    vae_facts = artifact.model_file("vae_decoder").manifest.facts
+    vae_facts = (backend["vae_decoder"].manifest if isinstance(backend, Mapping) and "vae_decoder" in backend
+                 else artifact.model_file("vae_decoder").manifest).facts
     scale = vae_facts.scale
     result = PipelineResult(np.empty(0), np.empty(0), np.empty(0), conditions)
     scheduler_config = pipeline.get("scheduler") or None
@@ -205,7 +210,7 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
     rng = np.random.default_rng(check_seed(DEFAULT_SEED if seed is None else seed))
     shape = (n, manifest.facts.sample_shape[0], h, w_latent)
     x = make_latents(shape, rng, noise)
-    with open_backend(artifact, backend, backend_options) as runner:
+    with stage_backend(artifact, "denoiser", backend, backend_options) as runner:
         model = guided_model(runner, n, options, nulls=nulls)
         denoiser = Denoiser(model, conds, manifest.facts.prediction)
         last = time.perf_counter()

@@ -22,14 +22,16 @@ present are concatenated into the condition pipeline.json names ("pooled").
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .artifact import Artifact
-from .backends import BackendOptions, open_backend
+from .backends import Backend, BackendOptions, open_backend
 from .errors import CfgExportError, require
 from .manifest import NullRule
 
@@ -93,10 +95,31 @@ class PromptConditions:
     seconds: float = 0.0  # time inside the text encoders
 
 
-def _encode(artifact: Artifact, stage: str, ids: np.ndarray, backend: str | None,
+# a backend name (each stage opened and closed by its user), or open backends by stage name,
+# used as they are and left open (a serving process's model connections)
+StageBackends = Mapping[str, Backend]
+
+
+@contextlib.contextmanager
+def stage_backend(artifact: Artifact, stage: str, backend: "str | StageBackends | None",
+                  options: BackendOptions | None):
+    """Yields an open backend of the stage: backend[stage] when `backend` maps stages to
+    open backends (left open), else one opened here by name and closed after."""
+    if isinstance(backend, Mapping):
+        if options is not None:
+            raise CfgExportError("backend options apply when the backends are opened here; the given ones are open")
+        if stage not in backend:
+            raise CfgExportError(f"no backend given for stage {stage!r}; given: {', '.join(backend)}")
+        yield backend[stage]
+        return
+    with open_backend(artifact, backend, options, stage=stage) as runner:
+        yield runner
+
+
+def _encode(artifact: Artifact, stage: str, ids: np.ndarray, backend: "str | StageBackends | None",
             options: BackendOptions | None) -> tuple[dict[str, np.ndarray], float, str]:
     """Returns (the encoder's outputs, model seconds, its family: clip or t5)."""
-    with open_backend(artifact, backend, options, stage=stage) as encoder:
+    with stage_backend(artifact, stage, backend, options) as encoder:
         out = encoder.infer({"input_ids": ids})
         return out, encoder.last_seconds, encoder.manifest.facts.family
 
@@ -119,10 +142,12 @@ def assemble_hidden(clip: list[np.ndarray], t5: list[np.ndarray]) -> np.ndarray:
 
 
 def encode_prompts(artifact: Artifact, prompts: list[str], negatives: list[str] | None, height: int, width: int,
-                   backend: str | None = None, options: BackendOptions | None = None) -> PromptConditions:
+                   backend: "str | StageBackends | None" = None,
+                   options: BackendOptions | None = None) -> PromptConditions:
     """Returns the denoiser's condition rows for N prompts and their null rows: the
     negative prompts' encodings (negatives [N]; prompt and negative in one 2N call per
-    encoder), or the null values the export stored."""
+    encoder), or the null values the export stored. backend: a backend name, or open
+    backends by stage name (stage_backend)."""
     denoiser = artifact.manifest.facts
     encoders = artifact.pipeline["prompt"]["encoders"]
     n = len(prompts)

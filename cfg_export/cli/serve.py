@@ -27,25 +27,28 @@ def repository_flags(f):
                      help="Rows of one merged denoiser batch (default 64; tensorrt_plan: the largest profile)."),
         click.option("--queue-delay-us", type=int, default=None,
                      help="How long the batcher waits for more rows, in microseconds (default 100)."),
-        click.option("--sampler-instances", type=int, default=None,
-                     help="Sampling runs in flight at once, one process each (default 16)."),
+        click.option("--sampler-instances", type=int, default=None, help="Sampler processes (default 2)."),
+        click.option("--runs-per-sampler", type=int, default=None,
+                     help="Sampling runs in flight in each sampler process, one thread each; their rows merge before "
+                          "they leave the process (default 8)."),
         click.option("--denoiser-instances", type=int, default=None, help="Denoiser model instances (default 1)."),
         click.option("--max-queue", type=int, default=None,
                      help="Requests waiting for a sampler instance; more are refused at once (default 64)."),
         click.option("--no-row-batching", is_flag=True, default=False,
-                     help="Do not merge the rows of different requests (one denoiser call per request and step)."),
+                     help="Do not merge the rows of different requests (one model call per request and step)."),
     ]):
         f = decorator(f)
     return f
 
 
 def repository_options(platform, backend, threads, max_images, max_steps, max_rows, queue_delay_us,
-                       sampler_instances, denoiser_instances, max_queue, no_row_batching):
+                       sampler_instances, runs_per_sampler, denoiser_instances, max_queue, no_row_batching):
     from cfg_export.serving.options import RepositoryOptions
 
     return RepositoryOptions(platform=platform, backend=backend, threads=threads, max_images=max_images,
                              max_steps=max_steps, max_rows=max_rows, queue_delay_us=queue_delay_us,
-                             sampler_instances=sampler_instances, denoiser_instances=denoiser_instances,
+                             sampler_instances=sampler_instances, runs_per_sampler=runs_per_sampler,
+                             denoiser_instances=denoiser_instances,
                              max_queue=max_queue, row_batching=False if no_row_batching else None)
 
 
@@ -70,7 +73,7 @@ def triton_command(artifact, out, overwrite, **flags):
     options = repository.options
     say(f"wrote {repository.directory} (models {', '.join(repository.models)}; denoiser {options.platform}, "
         f"up to {options.max_rows} rows per batch{'' if options.row_batching else ', no row batching'}; "
-        f"{options.sampler_instances} sampler instances)")
+        f"{options.sampler_instances} sampler instances x {options.runs_per_sampler} runs)")
 
 
 @click.command("serve", cls=Command, context_settings=CONTEXT)
@@ -118,48 +121,80 @@ def serve_command(artifact, port, grpc_port, metrics_port, repository, overwrite
 
 @click.command("request", cls=Command, context_settings=CONTEXT)
 @click.argument("url", metavar="URL")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Pipeline server: a prompt, one image each (repeatable).")
+@click.option("--prompts", "prompts_file", metavar="FILE.txt", default=None,
+              help="Pipeline server: prompts, one per line (blank lines skipped).")
+@click.option("--negative-prompt", "negative_prompts", multiple=True, metavar="TEXT",
+              help="Pipeline server: the negative prompt, one for all or one per prompt (repeatable); default the "
+                   "pipeline's null.")
 @click.option("--classes", default=None, metavar="0,1,...",
-              help="Class labels, one grid row each (default: every class of the model).")
+              help="Class labels, one grid row each (default: every class of the model); a DiT pipeline server "
+                   "also takes class names, one image each.")
 @click.option("--cond", metavar="FILE.npy", default=None,
               help="Embedding model: the condition, [L, D] or [K, L, D] (one grid row each).")
-@click.option("--n", type=int, default=None, help="Images per class or condition (default 8).")
+@click.option("--n", type=int, default=None, help="Images per class or condition (default 8; one-denoiser server).")
 @click.option("--w", "w", default=None, metavar="W[,W...]",
               help="Guidance weight: one number, one per condition, or one per image (default 0).")
 @click.option("--w-schedule", type=click.Choice(["constant", "linear"]), default=None,
               help="How w varies over the steps (default constant).")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default 50).")
-@click.option("--sampler", default=None, help="Sampler: ddpm, ddim, dpmpp-2m (default ddim).")
-@click.option("--spacing", default=None, help="Timestep spacing: leading (default), trailing, linspace.")
-@click.option("--eta", type=float, default=None, help="DDIM eta (default 0).")
+@click.option("--sampler", default=None, help="Sampler (default: the scheduler the model shipped with, else ddim).")
+@click.option("--karras/--no-karras", default=None, help="Karras et al. 2022 noise levels (use_karras_sigmas).")
+@click.option("--spacing", default=None, help="Timestep spacing: leading, trailing, linspace.")
+@click.option("--steps-offset", type=int, default=None, help="The scheduler's steps_offset.")
+@click.option("--set", "fields", multiple=True, metavar="FIELD=VALUE",
+              help="Override one scheduler config field, by its diffusers name (repeatable).")
+@click.option("--eta", type=float, default=None, help="DDIM eta (default 0; one-denoiser server).")
 @click.option("--seed", type=int, default=None, help="Random seed (default 0).")
+@click.option("--noise", metavar="FILE.npy", default=None, help="Start from this noise instead of drawing it.")
 @click.option("--negative", metavar="LABELS|FILE.npy", default=None,
-              help="Negative condition in the null rows: class labels, or FILE.npy for an embedding model.")
+              help="One-denoiser server: negative condition in the null rows: class labels, or FILE.npy for an "
+                   "embedding model.")
 @click.option("--interval", default=None, metavar="LO,HI", help="Guide only at noise levels sigma in [LO, HI].")
 @click.option("--threshold", type=float, default=None, metavar="P", help="Dynamic thresholding percentile.")
+@click.option("--guidance-rescale", type=float, default=None, metavar="PHI",
+              help="Rescale the guided output towards the conditional one's std, phi in [0, 1].")
+@click.option("--height", type=int, default=None, help="Pipeline server: image height in pixels (default: the "
+              "export's own size).")
+@click.option("--width", type=int, default=None, help="Pipeline server: image width in pixels.")
 @click.option("--timeout", type=float, default=None, help="Seconds to wait for the images (default 600).")
 @click.option("-o", "--out", metavar="FILE.png", default=None, help="Image grid, one row per condition.")
-@click.option("--npy", metavar="FILE.npy", default=None, help="Raw samples [N, ...] as float32.")
+@click.option("--npy", metavar="FILE.npy", default=None,
+              help="Raw samples [N, ...] as float32; from a pipeline server the decoded images [N, H, W, 3] in [0, 1].")
+@click.option("--latents", metavar="FILE.npy", default=None,
+              help="Pipeline server: the final latents [N, C, h, w] float32.")
 @verbosity_options
-def request_command(url, classes, cond, n, w, w_schedule, steps, sampler, spacing, eta, seed, negative, interval,
-                    threshold, timeout, out, npy):
+def request_command(url, prompts, prompts_file, negative_prompts, classes, cond, n, w, w_schedule, steps, sampler,
+                    karras, spacing, steps_offset, fields, eta, seed, noise, negative, interval, threshold,
+                    guidance_rescale, height, width, timeout, out, npy, latents):
     """Ask a server at URL (host:port, from cfg-export serve) for images: the options and
-    the images are those of `cfg-export sample` on the same artifact.
+    the images are those of `cfg-export sample` on the same artifact (a pipeline's:
+    --prompt, or --classes for DiT).
 
     \b
     Example: cfg-export request 127.0.0.1:8000 --classes 3 --w 3 -o three.png
+             cfg-export request 127.0.0.1:8000 --prompt "a red car" --w 6.5 --steps 20 -o car.png
     """
-    from cfg_export.serving.client import request_samples
+    from cfg_export.runtime.cli import read_prompts, scheduler_overrides, warn
+    from cfg_export.serving.client import send_request
 
     interval_values = parse_list(interval, float, "--interval", "0.3,5")
     if interval_values is not None and len(interval_values) != 2:
         raise CfgExportError(f"--interval: got {interval!r}, expected two noise levels LO,HI")
     if negative is not None and not negative.endswith(".npy"):
         negative = parse_list(negative, int, "--negative", "3")
-    result = request_samples(url, classes=parse_list(classes, int, "--classes", "0,1,2"), cond=cond,
-                             negative=negative, n=n, w=parse_list(w, float, "--w", "3 or 1,2,3"), out=out, npy=npy,
-                             steps=steps, sampler=sampler, spacing=spacing, eta=eta, seed=seed,
-                             w_schedule=w_schedule, interval=tuple(interval_values) if interval_values else None,
-                             threshold=threshold, timeout=timeout)
+    result = send_request(url, prompts=read_prompts(prompts, prompts_file),
+                          negative_prompts=list(negative_prompts) or None,
+                          classes=parse_list(classes, str, "--classes", "0,1,2"), cond=cond, negative=negative, n=n,
+                          w=parse_list(w, float, "--w", "3 or 1,2,3"), steps=steps, sampler=sampler, spacing=spacing,
+                          scheduler=scheduler_overrides(fields, karras, steps_offset), eta=eta, seed=seed,
+                          noise=noise, w_schedule=w_schedule,
+                          interval=tuple(interval_values) if interval_values else None, threshold=threshold,
+                          guidance_rescale=guidance_rescale, height=height, width=width, out=out, npy=npy,
+                          latents=latents, timeout=timeout)
+    for message in result.warnings:
+        warn(message)
     for path, what in result.written:
         say(f"wrote {path} ({what})")
     say(f"{len(result.samples)} images in {result.seconds:.2f} s")

@@ -31,10 +31,12 @@ _TRITON_DTYPES = {np.dtype("int64"): "INT64", np.dtype("float64"): "FP64", np.dt
 
 @dataclass
 class RequestResult:
-    samples: np.ndarray  # [N, *S] float32, as the server returned them
+    samples: np.ndarray  # [N, *S] float32, as the server returned them (a pipeline's: images [N, H, W, 3] in [0, 1])
     rows: int  # conditions: grid rows
     seconds: float  # wall time of the request
     written: list[tuple[Path, str]] = field(default_factory=list)
+    latents: np.ndarray | None = None  # a pipeline's final latents [N, C, h, w] float32
+    warnings: list[str] = field(default_factory=list)  # the server's (prompts it truncated)
 
 
 def _http():
@@ -85,28 +87,24 @@ class SamplerClient:
             self._parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         return self._parameters
 
-    def sample(self, cond: np.ndarray, w=None, *, negative=None, steps: int | None = None,
-               sampler: str | None = None, spacing: str | None = None, eta: float | None = None,
-               seed: int | None = None, w_schedule: str | None = None,
-               interval: tuple[float, float] | None = None, threshold: float | None = None) -> np.ndarray:
-        """Returns the samples [N, *S] float32 of one request: cond holds one condition per
-        image (labels [N] or embeddings [N, L, D]); w one number or [N]; None leaves an
-        option to the server's (sample_guided's) default. Raises CfgExportError with the
-        server's one-line message when it refuses the request."""
+    def infer(self, values: dict, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """Returns the named outputs of one request of `values` by input name (None: not
+        sent, the server's default): a str is one string, a list of str [K] strings, a dict
+        one JSON object, an int [1] int64, a float [1] float64, an array as it is (ints as
+        int64). Raises CfgExportError with the server's one-line message when it refuses."""
         http = _http()
-        values = {"cond": np.asarray(cond), "w": None if w is None else np.asarray(w, dtype=np.float64).reshape(-1),
-                  "negative": None if negative is None else np.asarray(negative),
-                  "seed": seed, "steps": steps, "eta": eta, "threshold": threshold,
-                  "sampler": sampler, "spacing": spacing, "w_schedule": w_schedule,
-                  "interval": None if interval is None else np.asarray(interval, dtype=np.float64)}
         inputs = []
         for name, value in values.items():
             if value is None:
                 continue
+            if isinstance(value, dict):
+                value = json.dumps(value)
             if isinstance(value, str):
                 value = np.array([value.encode()], dtype=object)
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = np.array([v.encode() for v in value], dtype=object).reshape(len(value))
             elif not isinstance(value, np.ndarray):
-                value = np.array([value], dtype=np.int64 if name in ("seed", "steps") else np.float64)
+                value = np.array([value], dtype=np.int64 if isinstance(value, (int, np.integer)) else np.float64)
             if value.dtype.kind in "iu":
                 value = value.astype(np.int64)
             dtype = _TRITON_DTYPES.get(value.dtype)
@@ -117,10 +115,30 @@ class SamplerClient:
             inputs.append(tensor)
         try:
             result = self.client.infer(self.model, inputs,
-                                       outputs=[http.InferRequestedOutput("samples", binary_data=True)])
+                                       outputs=[http.InferRequestedOutput(name, binary_data=True) for name in outputs])
         except Exception as exc:
             raise _server_error(self.url, exc) from None
-        return result.as_numpy("samples")
+        return {name: result.as_numpy(name) for name in outputs}
+
+    def sample(self, cond: np.ndarray, w=None, *, negative=None, steps: int | None = None,
+               sampler: str | None = None, spacing: str | None = None, eta: float | None = None,
+               seed: int | None = None, w_schedule: str | None = None,
+               interval: tuple[float, float] | None = None, threshold: float | None = None,
+               scheduler: dict | None = None, guidance_rescale: float | None = None,
+               noise: np.ndarray | None = None) -> np.ndarray:
+        """Returns the samples [N, *S] float32 of one request to a one-denoiser server: cond
+        holds one condition per image (labels [N] or embeddings [N, L, D]); w one number or
+        [N]; None leaves an option to the server's (sample_guided's) default. Raises
+        CfgExportError with the server's one-line message when it refuses the request."""
+        values = {"cond": np.asarray(cond), "w": None if w is None else np.asarray(w, dtype=np.float64).reshape(-1),
+                  "negative": None if negative is None else np.asarray(negative),
+                  "seed": None if seed is None else int(seed), "steps": None if steps is None else int(steps),
+                  "eta": None if eta is None else float(eta), "threshold": None if threshold is None else float(threshold),
+                  "sampler": sampler, "spacing": spacing, "w_schedule": w_schedule, "scheduler": scheduler,
+                  "interval": None if interval is None else np.asarray(interval, dtype=np.float64),
+                  "guidance_rescale": None if guidance_rescale is None else float(guidance_rescale),
+                  "noise": None if noise is None else np.asarray(noise, dtype=np.float32)}
+        return self.infer(values, ["samples"])["samples"]
 
 
 def grid_conditions(parameters: dict, classes: Sequence[int] | None, cond, negative,
@@ -167,12 +185,14 @@ def request_samples(url: str, *, classes: Sequence[int] | None = None, cond=None
                     steps: int | None = None, sampler: str | None = None, spacing: str | None = None,
                     eta: float | None = None, seed: int | None = None, w_schedule: str | None = None,
                     interval: tuple[float, float] | None = None, threshold: float | None = None,
+                    scheduler: dict | None = None, guidance_rescale: float | None = None, noise=None,
                     timeout: float | None = None) -> RequestResult:
-    """Returns the samples of one request to the server at `url` and the files written:
-    `n` images (default 8) per condition (class labels `classes`, default every class;
-    or embeddings `cond`, an array or .npy path), as an image grid at `out` and/or the
-    raw samples [N, ...] float32 at `npy`. The other arguments are sample_grid's; the
-    server checks them and refuses bad ones with one line (raised as CfgExportError).
+    """Returns the samples of one request to a one-denoiser server at `url` and the files
+    written: `n` images (default 8) per condition (class labels `classes`, default every
+    class; or embeddings `cond`, an array or .npy path), as an image grid at `out` and/or
+    the raw samples [N, ...] float32 at `npy`. The other arguments are sample_grid's
+    (noise: an array or .npy path); the server checks them and refuses bad ones with one
+    line (raised as CfgExportError).
     """
     import time
 
@@ -185,15 +205,21 @@ def request_samples(url: str, *, classes: Sequence[int] | None = None, cond=None
         check_output_file(out, "-o", tuple(IMAGE_FORMATS))
     if npy is not None:
         check_output_file(npy, "--npy", (".npy",))
+    if isinstance(noise, (str, Path)):
+        noise = read_npy(noise, "--noise")
     with SamplerClient(url, timeout) as client:
         parameters = client.parameters()
+        if parameters.get("kind") == "pipeline":
+            raise CfgExportError(f"{client.url} serves a pipeline ({parameters.get('pipeline')}): give --prompt, or "
+                                 f"--classes for a class-conditional one")
         if out is not None:
             check_drawable(tuple(json.loads(parameters.get("sample_shape", "[]"))))
         conds, negatives, rows = grid_conditions(parameters, classes, cond, negative, n)
         start = time.perf_counter()
         samples = client.sample(conds, None if w is None else expand_w(w, rows, n), negative=negatives, steps=steps,
                                 sampler=sampler, spacing=spacing, eta=eta, seed=seed, w_schedule=w_schedule,
-                                interval=interval, threshold=threshold)
+                                interval=interval, threshold=threshold, scheduler=scheduler,
+                                guidance_rescale=guidance_rescale, noise=noise)
         result = RequestResult(samples, rows, time.perf_counter() - start)
     if out is not None:
         save_grid(samples, rows=rows, path=out)
@@ -202,3 +228,41 @@ def request_samples(url: str, *, classes: Sequence[int] | None = None, cond=None
         save_npy(samples, npy)
         result.written.append((Path(npy), f"{list(samples.shape)} float32"))
     return result
+
+
+# options that only one kind of server takes, by their flags
+DENOISER_OPTIONS = {"cond": "--cond", "negative": "--negative", "n": "--n", "eta": "--eta"}
+PIPELINE_OPTIONS = {"prompts": "--prompt", "negative_prompts": "--negative-prompt", "height": "--height",
+                    "width": "--width", "latents": "--latents"}
+
+
+def send_request(url: str, *, timeout: float | None = None, **options) -> RequestResult:
+    """Returns the result of one request to the server at `url`, as `cfg-export sample`
+    gives it on the served artifact: request_images for a pipeline server (prompts, or
+    DiT's classes), request_samples for a one-denoiser server; options are theirs (None:
+    the default), and an option of the other kind is refused with one line. classes may
+    be strings (a DiT server takes names)."""
+    if all(options.get(name) is None for name in ("out", "npy", "latents")):
+        raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy (from a pipeline server also "
+                             "--latents FILE.npy)")
+    with SamplerClient(url, timeout) as client:
+        pipeline = client.parameters().get("kind") == "pipeline"
+    given = {name: value for name, value in options.items() if value is not None}
+    wrong = DENOISER_OPTIONS if pipeline else PIPELINE_OPTIONS
+    for name, flag in wrong.items():
+        if name in given:
+            kind = "a pipeline (give --prompt, or --classes)" if pipeline else \
+                "one denoiser (give --classes or --cond)"
+            raise CfgExportError(f"{flag}: not an option of this server, which serves {kind}")
+    if pipeline:
+        from .pipeline_client import request_images
+
+        return request_images(url, timeout=timeout, **given)
+    classes = given.get("classes")
+    if classes is not None:
+        try:
+            given["classes"] = [int(c) for c in classes]
+        except (TypeError, ValueError):
+            raise CfgExportError(f"--classes: got {','.join(map(str, classes))!r}, expected integers separated by "
+                                 f"commas, like 0,1,2") from None
+    return request_samples(url, timeout=timeout, **given)

@@ -13,7 +13,8 @@ DEFAULT_PLATFORM = "python"
 DEFAULT_MAX_IMAGES = 16  # images per request
 DEFAULT_MAX_ROWS = 64  # rows of one merged denoiser batch (python and onnxruntime_onnx)
 DEFAULT_QUEUE_DELAY_US = 100  # how long an idle denoiser waits for more rows (a busy one takes all queued)
-DEFAULT_SAMPLER_INSTANCES = 16  # sampling runs in flight at once (one Python process each)
+DEFAULT_SAMPLER_INSTANCES = 2  # sampler processes
+DEFAULT_RUNS_PER_SAMPLER = 8  # sampling runs in flight in each sampler process (one thread each)
 DEFAULT_DENOISER_INSTANCES = 1
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a sampler instance; more are refused at once
 
@@ -37,7 +38,8 @@ class RepositoryOptions:
     queue_delay_us: int | None = None  # dynamic batcher max_queue_delay_microseconds (default 100)
     max_images: int | None = None  # images per request (default 16)
     max_steps: int | None = None  # sampling steps per request (default: the training timesteps T)
-    sampler_instances: int | None = None  # sampling runs in flight (default 16)
+    sampler_instances: int | None = None  # sampler processes (default 2)
+    runs_per_sampler: int | None = None  # sampling runs in flight in each (default 8): their rows merge in the process
     denoiser_instances: int | None = None  # denoiser model instances (default 1)
     max_queue: int | None = None  # requests waiting for a sampler instance (default 64)
 
@@ -46,8 +48,8 @@ class RepositoryOptions:
             raise CfgExportError(f"platform: got {self.platform!r}, expected one of {', '.join(PLATFORMS)}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise CfgExportError(f"backend: got {self.backend!r}, expected one of {', '.join(BACKENDS)}")
-        for name in ("threads", "max_rows", "max_images", "max_steps", "sampler_instances", "denoiser_instances",
-                     "max_queue"):
+        for name in ("threads", "max_rows", "max_images", "max_steps", "sampler_instances", "runs_per_sampler",
+                     "denoiser_instances", "max_queue"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise CfgExportError(f"{name.replace('_', '-')}: got {value!r}, expected an integer >= 1")
@@ -94,5 +96,6 @@ def resolve_options(options: RepositoryOptions | None, manifest: Manifest) -> Re
                    queue_delay_us=DEFAULT_QUEUE_DELAY_US if o.queue_delay_us is None else o.queue_delay_us,
                    max_images=max_images, max_steps=o.max_steps or T,
                    sampler_instances=o.sampler_instances or DEFAULT_SAMPLER_INSTANCES,
+                   runs_per_sampler=o.runs_per_sampler or DEFAULT_RUNS_PER_SAMPLER,
                    denoiser_instances=o.denoiser_instances or DEFAULT_DENOISER_INSTANCES,
                    max_queue=o.max_queue or DEFAULT_MAX_QUEUE)

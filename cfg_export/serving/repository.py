@@ -3,8 +3,12 @@
     REPO/denoiser/config.pbtxt   the stacked model, rows along the batch axis, dynamic batching
     REPO/denoiser/1/             python: model.py + runtime/ + artifact/ (the ONNX model);
                                  onnxruntime_onnx: model.onnx; tensorrt_plan: model.plan
-    REPO/sampler/config.pbtxt    one request = one guided sampling run (Python backend, BLS)
-    REPO/sampler/1/              model.py + runtime/ + artifact/ (manifests, null embedding)
+    REPO/sampler/config.pbtxt    one request = one sampling run (Python backend, BLS)
+    REPO/sampler/1/              model.py + bls.py + runtime/ + artifact/ (manifests, null
+                                 embedding; for a pipeline also pipeline.json and the tokenizers)
+
+A pipeline artifact adds one model per further stage, laid out like the denoiser:
+REPO/text_encoder/, REPO/text_encoder_2/ (SDXL), REPO/vae_decoder/.
 
 The runtime travels inside the repository: the server needs numpy and, for the python
 platform, onnxruntime; never torch or cfg_export. The repository is written whole or
@@ -24,15 +28,13 @@ from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.files import check_export_target, staged_dir
 
 from .options import RepositoryOptions, resolve_options
-from .stages import denoiser_manifest, write_denoiser, write_sampler
+from .sampler_models import pipeline_model_stages, write_pipeline_sampler, write_sampler
+from .stages import denoiser_manifest, write_stage
 
 log = logging.getLogger(__name__)
 
-# model name -> writer(artifact, options, model folder) -> config text; in the order written
+# writer(artifact, options, model folder named after the model) -> config text
 Writer = Callable[[Artifact, RepositoryOptions, Path], str]
-WRITERS: dict[str, Writer] = {"denoiser": write_denoiser, "sampler": write_sampler}
-# pipeline stages with no writer yet, and what serving them needs
-PROMPT_STAGES = ("tokenizer", "text_encoder", "vae_decoder")
 
 
 @dataclass
@@ -49,13 +51,22 @@ class Repository:
         return list(self.configs)
 
 
-def repository_models(artifact: Artifact) -> list[str]:
-    """Returns the models a repository of this artifact holds; refuses stages not served yet."""
-    extra = [name for name in artifact.stages if name != DENOISER]
-    if extra:
-        raise CfgExportError(f"{artifact.directory}: stages {', '.join(extra)} (a prompt pipeline) are not served "
-                             f"yet; serve the denoiser's artifact with class or embedding conditions")
-    return list(WRITERS)
+def repository_models(artifact: Artifact) -> dict[str, Writer]:
+    """Returns the models a repository of this artifact holds, each with its writer, in
+    the order written: the denoiser and the sampler; for a pipeline, every model stage
+    (text encoders, denoiser, VAE decoder) and the pipeline sampler."""
+    if not artifact.is_pipeline:
+        return {DENOISER: write_stage, "sampler": write_sampler}
+    stages = pipeline_model_stages(artifact)
+    missing = [name for name in stages if name not in artifact.stages]
+    if missing:
+        raise CfgExportError(f"{artifact.directory}: pipeline.json names stages {', '.join(missing)} that it does not "
+                             f"list; re-export the pipeline")
+    unknown = [name for name, s in artifact.stages.items() if name not in stages and s.onnx is not None]
+    if unknown:
+        raise CfgExportError(f"{artifact.directory}: stages {', '.join(unknown)} have no place in a served "
+                             f"pipeline; expected text encoders, denoiser and vae_decoder")
+    return {**{name: write_stage for name in stages}, "sampler": write_pipeline_sampler}
 
 
 REPOSITORY_MARKER = "cfg-export.json"
@@ -73,8 +84,8 @@ def write_repository(artifact: "Artifact | str | Path", out: str | Path, options
     resolved = resolve_options(options, denoiser_manifest(artifact, options or RepositoryOptions()))
     repository = Repository(Path(out), resolved)
     with staged_dir(out, overwrite=overwrite) as tmp:
-        for name in models:
-            repository.configs[name] = WRITERS[name](artifact, resolved, tmp / name)
+        for name, writer in models.items():
+            repository.configs[name] = writer(artifact, resolved, tmp / name)
         # the mark of a folder cfg-export wrote (so --overwrite may replace it); Triton skips plain files
         (tmp / REPOSITORY_MARKER).write_text(json.dumps({"format": REPOSITORY_FORMAT, "models": list(models),
                                                          "artifact": str(artifact.directory)}, indent=2) + "\n")

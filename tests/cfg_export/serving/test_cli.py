@@ -18,7 +18,7 @@ def test_triton_writes_a_repository_and_refuses_to_overwrite(tiny_artifacts, tmp
     proc = run_cli("triton", tiny_artifacts / "stacked", "-o", tmp_path / "repo", "--sampler-instances", "2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"wrote {tmp_path / 'repo'} (models denoiser, sampler; denoiser python, up to 64 "
-                                  f"rows per batch; 2 sampler instances)")
+                                  f"rows per batch; 2 sampler instances x 8 runs)")
     proc = run_cli("triton", tiny_artifacts / "stacked", "-o", tmp_path / "repo")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"Error: {tmp_path / 'repo'} already exists and is not empty; pass --overwrite " \
@@ -28,7 +28,7 @@ def test_triton_writes_a_repository_and_refuses_to_overwrite(tiny_artifacts, tmp
 def test_triton_refuses_a_static_graph(tiny_artifacts, tmp_path):
     proc = run_cli("triton", tiny_artifacts / "static2", "-o", tmp_path / "repo")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("Error: the graph is static for N=2 images")
+    assert proc.stderr.strip().startswith("Error: the denoiser graph is static for N=2 images")
     assert not (tmp_path / "repo").exists()
 
 

@@ -37,15 +37,16 @@ def test_python_repository_configs_and_layout(tiny_artifacts, tmp_path):
     assert sampler.max_batch_size == 0 and sampler.instance_group[0].count == 3
     assert sampler.dynamic_batching.default_queue_policy.max_queue_size == 64
     assert {i.name: i.optional for i in sampler.input} == {
-        "cond": False, "w": True, "seed": True, "steps": True, "sampler": True, "spacing": True, "eta": True,
-        "negative": True, "w_schedule": True, "interval": True, "threshold": True}
+        "cond": False, "w": True, "seed": True, "steps": True, "sampler": True, "spacing": True, "scheduler": True,
+        "w_schedule": True, "interval": True, "threshold": True, "guidance_rescale": True, "eta": True,
+        "negative": True, "noise": True}
     assert list(sampler.output[0].dims) == [-1, 2, 6, 6]
     assert json.loads(sampler.parameters["condition"].string_value) == {"kind": "class", "num_classes": 3,
                                                                         "null": 3}
     assert sampler.parameters["max_steps"].string_value == "100"
     files = {p.relative_to(repo.directory).as_posix() for p in repo.directory.rglob("*") if p.is_file()}
     assert {"denoiser/1/model.py", "denoiser/1/artifact/model.onnx", "denoiser/1/artifact/manifest.json",
-            "denoiser/1/runtime/pipeline.py", "sampler/1/model.py", "sampler/1/artifact/manifest.json",
+            "denoiser/1/runtime/pipeline.py", "sampler/1/model.py", "sampler/1/bls.py", "sampler/1/artifact/manifest.json",
             "sampler/1/runtime/samplers/ddim.py"} <= files
     assert "sampler/1/artifact/model.onnx" not in files and not any("__pycache__" in f for f in files)
 
@@ -103,14 +104,21 @@ def test_tensorrt_plan_config_takes_the_engine_profiles(tiny_artifacts, tmp_path
         write_repository(artifact, tmp_path / "repo2", RepositoryOptions(platform="tensorrt_plan", max_rows=32))
 
 
-def test_model_files_import_the_copied_runtime_without_torch_or_cfg_export(tiny_artifacts, tmp_path):
-    repo = write_repository(tiny_artifacts / "stacked", tmp_path / "repo")
-    for name in ("sampler", "denoiser"):
-        version = repo.directory / name / "1"
-        tree = ast.parse((version / "model.py").read_text())
-        imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        assert imported <= {"json", "logging", "os", "sys", "numpy", "triton_python_backend_utils", "runtime"}, imported
+MODEL_IMPORTS = {"json", "logging", "os", "sys", "threading", "numpy", "triton_python_backend_utils", "runtime", "bls"}
+
+
+def check_model_imports(repository, names, tmp_path):
+    """Each model's Python files import only the standard library, numpy, Triton's utils
+    and what is copied beside them; model.py loads with torch and cfg_export blocked and
+    takes the runtime copied beside it."""
+    for name in names:
+        version = repository / name / "1"
+        for source in version.glob("*.py"):
+            tree = ast.parse(source.read_text())
+            imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                        for a in node.names}
+            imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            assert imported <= MODEL_IMPORTS, (source, imported)
         code = textwrap.dedent(f"""
             import importlib.util, sys, types
             class Block:
@@ -130,8 +138,13 @@ def test_model_files_import_the_copied_runtime_without_torch_or_cfg_export(tiny_
         assert proc.stdout.strip() == str(version / "runtime" / "__init__.py")
 
 
+def test_model_files_import_the_copied_runtime_without_torch_or_cfg_export(tiny_artifacts, tmp_path):
+    repo = write_repository(tiny_artifacts / "stacked", tmp_path / "repo")
+    check_model_imports(repo.directory, ("sampler", "denoiser"), tmp_path)
+
+
 @pytest.mark.parametrize("folder, options, message", [
-    ("static2", None, "the graph is static for N=2 images: rows of several requests cannot share its batch; "
+    ("static2", None, "the denoiser graph is static for N=2 images: rows of several requests cannot share its batch; "
                       "re-export without --batch to serve it"),
     ("stacked", RepositoryOptions(platform="tensorrt_plan"), "no engine.json in it; build an engine with: "
                                                              "cfg-export trt"),
@@ -173,14 +186,15 @@ def test_an_existing_repository_is_kept_without_overwrite(tiny_artifacts, tmp_pa
     assert json.loads((tmp_path / "ours" / "cfg-export.json").read_text())["format"].startswith("cfg-export")
 
 
-def test_prompt_pipelines_are_refused_with_what_is_missing(tiny_artifacts, tmp_path):
+def test_a_pipeline_without_its_vae_decoder_is_refused(tiny_artifacts, tmp_path):
     pipeline = tmp_path / "pipeline"
     shutil.copytree(tiny_artifacts / "stacked", pipeline / "unet")
-    (pipeline / "tokenizer").mkdir()
     (pipeline / "pipeline.json").write_text(json.dumps({"format": "cfg-export-pipeline/1", "stages": {
-        "tokenizer": {"folder": "tokenizer", "model": False}, "denoiser": {"folder": "unet"}}}))
-    with pytest.raises(CfgExportError, match=r"stages tokenizer \(a prompt pipeline\) are not served yet"):
+        "denoiser": {"folder": "unet"}}}))
+    with pytest.raises(CfgExportError, match=r"pipeline.json names stages vae_decoder that it does not list; "
+                                             r"re-export the pipeline"):
         write_repository(pipeline, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
 
 
 def test_check_config_names_a_misspelt_field():

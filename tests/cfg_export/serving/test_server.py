@@ -65,10 +65,11 @@ def test_concurrent_requests_equal_sample_and_share_denoiser_batches(server, tin
         want = solo(artifact, tmp_path, f"solo{i}", *r)
         assert got.shape == want.shape == (len(r[0]) * r[1], 2, 6, 6)
         np.testing.assert_allclose(got, want, rtol=0, atol=ATOL, err_msg=f"request {i}: {r}")
-    denoiser_requests = requests_after - requests_before
-    assert denoiser_requests == sum(r[3]["steps"] for r in REQUESTS)  # one denoiser request per step
-    # the dynamic batcher merged rows of different runs: fewer executions than requests
-    assert executions_after - executions_before < denoiser_requests
+    steps = sum(r[3]["steps"] for r in REQUESTS)
+    # one model call per run and step; calls of the runs in one sampler process merge before they leave it
+    assert 0 < requests_after - requests_before <= steps
+    # rows of different runs shared denoiser executions (merged in a sampler process, or by Triton's batcher)
+    assert executions_after - executions_before < steps
 
 
 @pytest.mark.parametrize("cond, w, options, message", [
@@ -141,7 +142,7 @@ def test_a_killed_client_does_not_stall_the_others(server, tiny_artifacts, tmp_p
 
 def test_a_burst_beyond_the_queue_is_refused_cleanly_and_loses_no_accepted_request(server, tiny_artifacts,
                                                                                    tmp_path):
-    burst = [([i % 3], 1, [1.5], dict(seed=100 + i, steps=60)) for i in range(20)]  # 4 instances + 4 waiting
+    burst = [([i % 3], 1, [1.5], dict(seed=100 + i, steps=60)) for i in range(20)]  # 4 runs + 4 waiting
 
     def send(i):
         try:

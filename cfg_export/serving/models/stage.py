@@ -1,10 +1,11 @@
-"""Triton Python-backend model `denoiser`: the stacked model over the runtime's backend.
+"""Triton Python-backend model of one stage (the denoiser, a text encoder, the VAE
+decoder): the stage's model file over the runtime's backend.
 
-Copied into REPO/denoiser/1/model.py by `cfg-export triton --platform python`; it imports
-the runtime copied beside it (never cfg_export, never torch) and runs the artifact in
-artifact/ with the runtime's ONNX Runtime backend. Triton's dynamic batcher hands it the
-requests of several sampling runs at once: their rows are concatenated along the batch
-axis, run in one call, and split back, one response per request.
+Copied into REPO/<stage>/1/model.py by `cfg-export triton --platform python`; it imports
+the runtime copied beside it (never cfg_export, never torch) and runs the one-model
+artifact in artifact/ with the runtime's ONNX Runtime backend. Triton's dynamic batcher
+hands it the requests of several sampling runs at once: their rows are concatenated
+along the batch axis, run in one call, and split back, one response per request.
 """
 import json
 import logging
@@ -22,16 +23,17 @@ from runtime.artifact import Artifact  # noqa: E402  (the runtime copied beside 
 from runtime.backends import BackendOptions, open_backend  # noqa: E402
 from runtime.errors import CfgExportError  # noqa: E402
 
-log = logging.getLogger("cfg_export.serving.denoiser")
+log = logging.getLogger("cfg_export.serving.stage")
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
+        self.name = config.get("name", "stage")
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         threads = int(params["threads"]) if "threads" in params else None
         spinning = {"1": True, "0": False}.get(params.get("spinning", ""))
-        artifact = Artifact.open(os.path.join(HERE, "artifact"))
+        artifact = Artifact.open(os.path.join(HERE, "artifact"))  # one stage, as a one-model artifact
         options = BackendOptions(threads=threads, spinning=spinning) if threads or spinning is not None else None
         self.backend = open_backend(artifact, params.get("backend", "auto"), options)
         self.backend.__enter__()
@@ -45,14 +47,14 @@ class TritonPythonModel:
             sizes = [len(a) for a in arrays[self.inputs[0].name]]
             feeds = {}
             for spec in self.inputs:
-                value = np.concatenate(arrays[spec.name])
+                value = arrays[spec.name][0] if len(requests) == 1 else np.concatenate(arrays[spec.name])
                 feeds[spec.name] = value.reshape(-1) if len(spec.shape) == 1 else value  # [rows, 1] -> [rows]
             outputs = self.backend.infer(feeds)
         except CfgExportError as exc:
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
         except Exception as exc:
-            log.exception("denoiser: batch failed")
-            error = pb_utils.TritonError(f"internal error in the denoiser model ({type(exc).__name__}: {exc})")
+            log.exception("%s: batch failed", self.name)
+            error = pb_utils.TritonError(f"internal error in the {self.name} model ({type(exc).__name__}: {exc})")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
         bounds = np.cumsum([0, *sizes])
         return [pb_utils.InferenceResponse(output_tensors=[
