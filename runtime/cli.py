@@ -223,6 +223,11 @@ def backend_flags(f):
 @click.option("--interval", default=None, metavar="LO,HI",
               help="Guide only at noise levels sigma in [LO, HI]; other steps run only the conditional rows "
                    "(Kynkaanniemi et al. 2024).")
+@click.option("--strategy", default=None, metavar="SPEC",
+              help="Run the null rows only where they help: adaptive[:GAMMA] (an image stops its null rows once "
+                   "its conditional and null x0 predictions agree, cosine >= GAMMA), cache[:K][@LO..HI] (null "
+                   "rows every K-th step inside noise levels LO..HI, the guidance direction reused between), "
+                   "or both joined by '+', e.g. adaptive+cache:3 (default: full guidance).")
 @click.option("--threshold", type=float, default=None, metavar="P",
               help="Dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Saharia et al. 2022).")
 @backend_flags
@@ -232,7 +237,7 @@ def backend_flags(f):
               help="Raw samples [N, ...] as float32 (latents, for latent models).")
 @verbosity_options
 def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond, n, seed, noise, negative, interval,
-           threshold, backend, threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch, out,
+           strategy, threshold, backend, threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch, out,
            npy):
     """Guided sampling from an artifact folder DIR made by `cfg-export onnx`.
 
@@ -257,6 +262,14 @@ def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond,
         negative = parse_list(negative, int, "--negative", "3")
     guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
                                interval=tuple(interval_values) if interval_values else None, threshold=threshold)
+    if strategy is not None:
+        from .strategies import parse_strategy
+
+        spec = parse_strategy(strategy)
+        if spec.interval is not None and interval_values is not None:
+            raise CfgExportError(f"--strategy {strategy} holds a guidance interval and --interval gives another; "
+                                 f"give one of them")
+        guidance = spec.apply(guidance)
     with ProgressBar("sampling") as bar:
         grid = sample_grid(opened, classes=parse_list(classes, int, "--classes", "0,1,2"),
                            cond=cond, negative=negative, n=n,
@@ -276,7 +289,8 @@ def sample(artifact, w, w_schedule, steps, sampler, spacing, eta, classes, cond,
     model = result.model_seconds
     say(f"{steps_done} steps on {result.backend}: {1e3 * total / steps_done:.2f} ms/step (model "
         f"{1e3 * model / steps_done:.2f} ms, host {1e3 * (total - model) / steps_done:.2f} ms = "
-        f"{100 * result.host_share:.1f}%), total {total:.2f} s")
+        f"{100 * result.host_share:.1f}%), total {total:.2f} s, {result.rows / len(result.samples):.1f} model "
+        f"rows per image")
 
 
 @click.group(cls=Group, context_settings=CONTEXT)
