@@ -257,3 +257,19 @@ def test_parse_strategy():
 def test_parse_strategy_errors(text, message):
     with pytest.raises(CfgExportError, match=message):
         parse_strategy(text)
+
+
+def test_extremes_on_an_exported_model(tiny_artifacts):
+    """The same reductions through ONNX Runtime on a real exported graph."""
+    from cfg_export.runtime.pipeline import sample_guided
+
+    artifact, labels = tiny_artifacts / "stacked", [0, 1, 2, 1]
+    run = lambda w, **options: sample_guided(artifact, labels, w, steps=10, seed=1,  # noqa: E731
+                                             guidance=GuidanceOptions(**options))
+    full, never, every = run(2.0), run(2.0, adaptive=1.0), run(2.0, cache_every=1)
+    np.testing.assert_array_equal(never.samples, full.samples)
+    np.testing.assert_array_equal(every.samples, full.samples)
+    assert full.rows == never.rows == every.rows == 2 * 4 * 10
+    conditional, at_once = run(0.0), run(2.0, adaptive=-1.0)
+    np.testing.assert_array_equal(at_once.samples, conditional.samples)
+    assert (conditional.rows, at_once.rows) == (4 * 10, 4 * 10 + 4)
