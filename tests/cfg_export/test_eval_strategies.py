@@ -51,3 +51,18 @@ def test_eval_strategy_grid_cli(digits_artifact, tmp_path):
 def test_eval_strategy_errors(tiny_artifacts, args, message):
     proc = run_cli("eval", tiny_artifacts / "stacked", *args)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_frechet_distance_to_fixed_reference_matches_the_formula():
+    """The precomputed-root form against ||m1 - m2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2)) with the
+    matrix square root taken by scipy (an independent reference)."""
+    import numpy as np
+    from scipy.linalg import sqrtm
+
+    from cfg_export.evaluation.stats import frechet_distance_to
+
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((2, 200, 6)) @ rng.standard_normal((2, 6, 6))
+    m1, c1, m2, c2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    want = np.sum((m1 - m2) ** 2) + np.trace(c1 + c2 - 2 * sqrtm(c1 @ c2).real)
+    assert frechet_distance_to(m2, c2)(m1, c1) == pytest.approx(want, rel=1e-9)

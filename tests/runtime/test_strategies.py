@@ -273,3 +273,31 @@ def test_extremes_on_an_exported_model(tiny_artifacts):
     conditional, at_once = run(0.0), run(2.0, adaptive=-1.0)
     np.testing.assert_array_equal(at_once.samples, conditional.samples)
     assert (conditional.rows, at_once.rows) == (4 * 10, 4 * 10 + 4)
+
+
+def run_sample(*args):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run([sys.executable, "-m", "runtime", "sample", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_sample_cli_strategy(tiny_artifacts, tmp_path):
+    out = tmp_path / "s.npy"
+    base = [tiny_artifacts / "stacked", "--w", 2, "--classes", "0,1", "--n", 1, "--steps", 6, "--npy", out]
+    proc = run_sample(*base, "--strategy", "cache:2")
+    assert proc.returncode == 0, proc.stderr
+    assert "9.0 model rows per image" in proc.stdout  # 6 conditional rows + null rows at steps 0, 2, 4
+    for args, message in [
+        (["--strategy", "fast"], "Error: strategy part 'fast': not understood; expected full"),
+        (["--strategy", "interval:0..1", "--interval", "0,1"], "Error: --strategy interval:0..1 holds a guidance "
+                                                               "interval and --interval gives another"),
+        (["--strategy", "adaptive:7"], "Error: adaptive guidance: got threshold 7.0, expected a cosine similarity"),
+    ]:
+        proc = run_sample(*base, *args)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = run_sample(tiny_artifacts / "fused", *base[1:], "--strategy", "adaptive")
+    assert proc.returncode == 1 and "Error: adaptive and cached guidance need the stacked layout" in proc.stderr
