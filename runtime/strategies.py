@@ -41,7 +41,7 @@ from .errors import CfgExportError
 
 # Defaults chosen from `cfg-export eval` on the reference model (docs/notes/guidance.md).
 DEFAULT_ADAPTIVE = 0.99  # cosine threshold gamma
-DEFAULT_CACHE_EVERY = 2  # k: the null rows run at every k-th call inside the window
+DEFAULT_CACHE_EVERY = 3  # k: the null rows run at every k-th call inside the window
 DEFAULT_CACHE_INTERVAL: tuple[float, float] | None = None  # noise levels sigma of the window; None: every step
 
 SPELLING = "full | interval:LO..HI | adaptive[:GAMMA] | cache[:K][@LO..HI], joined by '+'"
