@@ -250,6 +250,11 @@ def backend_flags(f):
 @click.option("--interval", default=None, metavar="LO,HI",
               help="Guide only at noise levels sigma in [LO, HI]; other steps run only the conditional rows "
                    "(Kynkaanniemi et al. 2024).")
+@click.option("--strategy", default=None, metavar="SPEC",
+              help="Run the null rows only where they help: adaptive[:GAMMA] (an image stops its null rows once "
+                   "its conditional and null x0 predictions agree, cosine >= GAMMA), cache[:K][@LO..HI] (null "
+                   "rows every K-th step inside noise levels LO..HI, the guidance direction reused between), "
+                   "or both joined by '+', e.g. adaptive+cache:3 (default: full guidance).")
 @click.option("--threshold", type=float, default=None, metavar="P",
               help="The scheduler's dynamic thresholding at percentile P in (0, 1], e.g. 0.995 (Saharia et al. "
                    "2022), up to its sample_max_value (diffusers' default 1.0; --set sample_max_value=V).")
@@ -276,9 +281,9 @@ def backend_flags(f):
                    "decoded images [N, H, W, 3] in [0, 1].")
 @verbosity_options
 def sample(artifact, w, w_schedule, steps, sampler, karras, spacing, steps_offset, fields, eta, classes, cond, n, seed,
-           noise, negative, interval, threshold, guidance_rescale, prompts, prompts_file, negative_prompts, height,
-           width, latents_out, backend, threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16, trt_max_batch,
-           out, npy):
+           noise, negative, interval, strategy, threshold, guidance_rescale, prompts, prompts_file, negative_prompts,
+           height, width, latents_out, backend, threads, no_spinning, device, cuda_graph, trt_cache, trt_fp16,
+           trt_max_batch, out, npy):
     """Guided sampling from an artifact folder DIR made by `cfg-export onnx`.
 
     Class-conditional models take --classes, embedding models (text-style, e.g. a
@@ -299,10 +304,7 @@ def sample(artifact, w, w_schedule, steps, sampler, karras, spacing, steps_offse
             if value is not None:
                 raise CfgExportError(f"{flag}: not an option of a pipeline artifact (use --prompt, "
                                      f"--negative-prompt, --classes)")
-        interval_values = parse_list(interval, float, "--interval", "0.3,5")
-        guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
-                                   interval=tuple(interval_values) if interval_values else None, threshold=threshold,
-                                   rescale=guidance_rescale)
+        guidance = guidance_options(w_schedule, interval, strategy, threshold, guidance_rescale)
         overrides = scheduler_overrides(fields, karras, steps_offset)
         _sample_pipeline(opened, prompts, prompts_file, negative_prompts, classes, w, steps, sampler, spacing,
                          overrides, seed, noise, height, width, guidance, latents_out, out, npy,
@@ -316,14 +318,9 @@ def sample(artifact, w, w_schedule, steps, sampler, karras, spacing, steps_offse
     if out is None and npy is None:
         raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy")
     embedding = opened.manifest.facts.condition.kind.value == "embedding"
-    interval_values = parse_list(interval, float, "--interval", "0.3,5")
-    if interval_values is not None and len(interval_values) != 2:
-        raise CfgExportError(f"--interval: got {interval!r}, expected two noise levels LO,HI")
     if negative is not None and not embedding:
         negative = parse_list(negative, int, "--negative", "3")
-    guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
-                               interval=tuple(interval_values) if interval_values else None, threshold=threshold,
-                               rescale=guidance_rescale)
+    guidance = guidance_options(w_schedule, interval, strategy, threshold, guidance_rescale)
     overrides = scheduler_overrides(fields, karras, steps_offset)
     with ProgressBar("sampling") as bar:
         grid = sample_grid(opened, classes=parse_list(classes, int, "--classes", "0,1,2"),
@@ -345,7 +342,27 @@ def sample(artifact, w, w_schedule, steps, sampler, karras, spacing, steps_offse
     model = result.model_seconds
     say(f"{steps_done} steps on {result.backend} ({result.sampler}): {1e3 * total / steps_done:.2f} ms/step (model "
         f"{1e3 * model / steps_done:.2f} ms, host {1e3 * (total - model) / steps_done:.2f} ms = "
-        f"{100 * result.host_share:.1f}%), total {total:.2f} s")
+        f"{100 * result.host_share:.1f}%), total {total:.2f} s, {result.rows / len(result.samples):.1f} model "
+        f"rows per image")
+
+
+def guidance_options(w_schedule, interval, strategy, threshold, guidance_rescale) -> GuidanceOptions:
+    """The GuidanceOptions of --w-schedule, --interval, --strategy, --threshold, --guidance-rescale."""
+    interval_values = parse_list(interval, float, "--interval", "0.3,5")
+    if interval_values is not None and len(interval_values) != 2:
+        raise CfgExportError(f"--interval: got {interval!r}, expected two noise levels LO,HI")
+    guidance = GuidanceOptions(w_schedule=w_schedule or "constant",
+                               interval=tuple(interval_values) if interval_values else None, threshold=threshold,
+                               rescale=guidance_rescale)
+    if strategy is None:
+        return guidance
+    from .strategies import parse_strategy
+
+    spec = parse_strategy(strategy)
+    if spec.interval is not None and interval_values is not None:
+        raise CfgExportError(f"--strategy {strategy} holds a guidance interval and --interval gives another; "
+                             f"give one of them")
+    return spec.apply(guidance)
 
 
 def scheduler_overrides(fields, karras, steps_offset) -> dict | None:

@@ -8,8 +8,8 @@ Two layers:
 - GuidedModel: model(x, t, cond) -> the guided raw model output [N, *S] (eps, v, x0 or a
   flow velocity: the mix is linear, so it is the same mix whatever the model predicts).
   One backend call per step on [cond rows; null rows]; a RowPlanner decides, per step and
-  image, whether the image runs its null rows (the guidance interval, and the strategies
-  that skip null rows where they do not help).
+  image, whether the image runs its null rows (not where its w is 0, nor outside the
+  guidance interval, nor where a strategy of runtime.strategies says they do not help).
 The samplers (runtime.samplers) call a GuidedModel through their Denoiser, which reads
 the output by the model's prediction type; guidance_rescale (phi) rescales the guided
 output here, on the raw outputs, as diffusers' pipelines do.
@@ -25,9 +25,11 @@ from typing import Callable
 import numpy as np
 
 from .backends.base import Backend
+from .engine import engine_profiles
 from .errors import CfgExportError
-from .manifest import ConditionKind, Layout, Manifest
+from .manifest import ConditionKind, Layout, Manifest, Prediction
 from .schedule import parse_enum
+from .strategies import AdaptiveStop, DirectionCache, check_adaptive, check_cache_every, check_noise_interval
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,21 @@ def rescale(guided: np.ndarray, out_c: np.ndarray, phi: float) -> np.ndarray:
     return phi * guided * ratio + (1 - phi) * guided
 
 
+def to_x0(output: np.ndarray, x: np.ndarray, sigma: float, prediction: Prediction) -> np.ndarray:
+    """Returns the clean sample x0 [G, *S] a model output [G, *S] of the given prediction
+    type implies at the sample x [G, *S] of noise level sigma (sigma / alpha): for VP models
+    alpha_cumprod a = 1 / (1 + sigma^2); for flow models x = (1 - s) x0 + s eps with
+    s = sigma / (1 + sigma) and x0 = x - s v."""
+    if prediction is Prediction.X0:
+        return output
+    if prediction is Prediction.FLOW:
+        return x - sigma / (1.0 + sigma) * output
+    a = 1.0 / (1.0 + sigma * sigma)
+    if prediction is Prediction.EPS:
+        return (x - math.sqrt(1 - a) * output) / math.sqrt(a)
+    return math.sqrt(a) * x - math.sqrt(1 - a) * output
+
+
 @dataclass
 class GuidanceOptions:
     """How the guided eps is formed at each step; None means off."""
@@ -84,6 +101,9 @@ class GuidanceOptions:
     negative: np.ndarray | None = None  # [N] labels or [N, L, D] embeddings for the null rows instead of the null
     threshold: float | None = None  # dynamic thresholding percentile, e.g. 0.995 (the scheduler's thresholding)
     rescale: float | None = None  # guidance_rescale phi in [0, 1] (Lin et al. 2024), e.g. 0.7
+    adaptive: float | None = None  # stop an image's null rows once cos(x0_c, x0_u) >= this (runtime.strategies)
+    cache_every: int | None = None  # inside cache_interval, run the null rows every k-th call, reuse out_c - out_u
+    cache_interval: tuple[float, float] | None = None  # noise levels sigma [lo, hi] of the cache; None: all steps
 
     def check(self) -> None:
         """Raises CfgExportError for option values no sampling can use."""
@@ -102,12 +122,27 @@ class GuidanceOptions:
         if self.rescale is not None and not (isinstance(self.rescale, (int, float)) and
                                              0 <= float(self.rescale) <= 1):
             raise CfgExportError(f"guidance rescale: got {self.rescale!r}, expected phi in [0, 1], e.g. 0.7")
+        if self.adaptive is not None:
+            check_adaptive(self.adaptive)
+        if self.cache_every is not None:
+            check_cache_every(self.cache_every)
+        if self.cache_interval is not None:
+            if self.cache_every is None:
+                raise CfgExportError("cache interval: given without the cache (cache_every, --strategy cache:K); "
+                                     "add it, or drop the interval")
+            check_noise_interval(self.cache_interval, "cache interval")
+
+    @property
+    def strategies(self) -> bool:
+        """True when adaptive guidance or the cached direction is on."""
+        return self.adaptive is not None or self.cache_every is not None
 
 
 class RowPlanner:
-    """Decides, step by step, which images run their null rows, and the w each image is
-    guided with. This one applies the w schedule and the guidance interval; strategies
-    that skip null rows where they do not help extend it (plan, then observe)."""
+    """Decides, call by call, which images run their null rows, and the w each image is
+    guided with: the w schedule, no null rows where w is 0 or outside the guidance
+    interval, and the strategies of runtime.strategies (adaptive guidance, the cached
+    direction), which see each call's outputs (plan, then observe)."""
 
     def __init__(self, options: GuidanceOptions, n: int, num_train_timesteps: int):
         options.check()
@@ -115,6 +150,10 @@ class RowPlanner:
         self.w = check_w(options.w, n)
         self.w_schedule = parse_enum(WSchedule, options.w_schedule, "w schedule")
         self.T = num_train_timesteps
+        self.adaptive = AdaptiveStop(options.adaptive, n) if options.adaptive is not None else None
+        self.cache = (DirectionCache(options.cache_every, options.cache_interval, n)
+                      if options.cache_every is not None else None)
+        self._step: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (guided, reuse, w) of this call
 
     def w_at(self, t: float) -> np.ndarray:
         """Returns the guidance weights [N] at (training) timestep t."""
@@ -129,16 +168,55 @@ class RowPlanner:
         lo, hi = self.options.interval
         return lo <= sigma <= hi
 
-    def plan(self, t: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (guided [N] bool: the images that run their null rows this step, w [N])."""
-        guided = self.guided_at(sigma)
-        return np.full(len(self.w), guided), self.w_at(t)
+    def row_counts(self) -> set[int]:
+        """Returns the row counts of the calls this planner can ask of a dynamic stacked
+        graph: N + the images that run their null rows."""
+        n, g = len(self.w), int(np.count_nonzero(self.w))
+        if self.adaptive is not None or self.cache is not None:
+            return {n + k for k in range(g + 1)}  # the batch shrinks one image at a time
+        return {n + g, n} if self.options.interval is not None else {n + g}
 
-    def observe(self, guided: np.ndarray, out_c: np.ndarray, out_u: np.ndarray) -> np.ndarray | None:
-        """Sees the step's conditional outputs [N, *S] and the null outputs of the guided
-        images [G, *S]; returns the guided output of every image, or None for the plain
-        mix (guided images mixed with w, the others conditional only)."""
-        return None
+    def plan(self, t: float, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (guided [N] bool: the images that run their null rows this call, w [N])."""
+        w = self.w_at(t)
+        guided = (w != 0) & self.guided_at(sigma)
+        if self.adaptive is not None:
+            guided &= ~self.adaptive.stopped
+        reuse = self.cache.plan(guided, sigma) if self.cache is not None else np.zeros_like(guided)
+        self._step = (guided, reuse, w)
+        return guided & ~reuse, w
+
+    def observe(self, guided: np.ndarray, out_c: np.ndarray, out_u: np.ndarray,
+                denoised: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray | None:
+        """Sees the call's conditional outputs [N, *S] and the null outputs [G, *S] of the
+        images that ran them (`guided` [N]: all of them on a static graph); returns the
+        guided output of every image [N, *S], or None for the plain mix (images that ran
+        their null rows mixed with w, the others conditional only). denoised(outputs
+        [K, *S], images [K]) -> the x0 they imply (adaptive guidance compares those; without
+        it, the raw outputs)."""
+        if self.adaptive is None and self.cache is None:
+            return None
+        planned, reuse, w = self._step
+        fresh = np.flatnonzero(planned & ~reuse)
+        out_u = out_u[(np.cumsum(guided) - 1)[fresh]]  # the null rows of the images planned to run them
+        result = out_c.copy()
+        mixed = np.ones(len(fresh), dtype=bool)
+        if self.adaptive is not None:
+            c, u = out_c[fresh], out_u
+            if denoised is not None:
+                c, u = denoised(c, fresh), denoised(u, fresh)
+            mixed = ~self.adaptive.observe(fresh, c, u)  # those that agree now: conditional only
+            self.adaptive.advance()
+        if self.cache is not None:
+            self.cache.store(fresh, out_c[fresh] - out_u)
+            self.cache.advance(bool(reuse.any()))
+        kept = fresh[mixed]
+        result[kept] = mix(out_c[kept], out_u[mixed], w[kept])
+        reused = np.flatnonzero(reuse)
+        if len(reused):
+            scale = w[reused].reshape((-1,) + (1,) * (out_c.ndim - 1))
+            result[reused] = out_c[reused] + scale * self.cache.direction[reused]  # = mix with the kept eps_u
+        return result
 
 
 class GuidedModel:
@@ -169,6 +247,25 @@ class GuidedModel:
         if self.rescale and self.manifest.layout is Layout.FUSED:
             raise CfgExportError("guidance rescale needs the conditional output, which the fused graph does not "
                                  "return; re-export without --fuse-guidance")
+        if self.manifest.layout is Layout.FUSED and options.strategies:
+            raise CfgExportError("adaptive and cached guidance need the stacked layout (the fused graph returns only "
+                                 "the mix, not the conditional and null outputs); re-export without --fuse-guidance")
+        self._check_profiles()
+
+    def _check_profiles(self) -> None:
+        """Refuses, before any step, an engine whose profiles miss a row count this guidance asks for."""
+        if self.manifest.layout is not Layout.STACKED or self.manifest.batch is not None:
+            return
+        profiles = engine_profiles(self.manifest)
+        if not profiles:
+            return
+        missing = sorted(r for r in self.planner.row_counts() if not any(p.covers(r) for p in profiles))
+        if missing:
+            ranges = ", ".join(f"{p.rows[0]}..{p.rows[2]}" for p in profiles)
+            counts = ", ".join(map(str, missing[:4])) + (", ..." if len(missing) > 4 else "")
+            raise CfgExportError(f"engine: this guidance makes calls of {counts} rows for N={self.n} images, outside "
+                                 f"its profiles (rows {ranges}); rebuild it with --interval-profile (a profile for "
+                                 f"the calls of fewer than 2N rows)")
 
     def _run(self, feeds: dict) -> np.ndarray:
         if self.record is not None:
@@ -214,8 +311,8 @@ class GuidedModel:
         n = len(x)
         conds = cond if isinstance(cond, dict) else {"cond": cond}
         x32 = np.ascontiguousarray(x, dtype=np.float32)
-        guided, w = self.planner.plan(t, sigma)
-        w = np.where(guided, w, 0.0)
+        guided, w_planned = self.planner.plan(t, sigma)
+        w = np.where(guided, w_planned, 0.0)
         if self.manifest.layout is Layout.FUSED:
             out = self._run({"sample": x32, "timestep": self._timestep(t, n), **conds, "w": w.astype(np.float32)})
             self._check_finite(out, t, n, np.arange(n), x32)
@@ -231,13 +328,17 @@ class GuidedModel:
         out = self._run(feeds)
         self._check_finite(out, t, n, g, x32)
         out_c, out_u = out[:n], out[n:]
-        result = self.planner.observe(guided_rows, out_c, out_u)
+        prediction = self.manifest.facts.prediction
+        result = self.planner.observe(guided_rows, out_c, out_u,
+                                      lambda out, images: to_x0(out, x[images], sigma, prediction))
         if result is None:
             result = out_c.copy()
             if len(g):
                 result[g] = mix(out_c[g], out_u, w[g])
-        if self.rescale and len(g):
-            result[g] = rescale(result[g], out_c[g], self.rescale)
+        # rescale leaves an unguided image (result = out_c) as it is; cached directions count as guided
+        mixed = np.flatnonzero(w_planned != 0) if self.planner.options.strategies else g
+        if self.rescale and len(mixed):
+            result[mixed] = rescale(result[mixed], out_c[mixed], self.rescale)
         return result
 
 

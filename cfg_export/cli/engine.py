@@ -26,8 +26,9 @@ from cfg_export.runtime.errors import CfgExportError
 @click.option("--min-batch", type=int, default=None, help="Profile: fewest images N (default 1).")
 @click.option("--opt-batch", type=int, default=None, help="Profile: images N to tune for (default 4).")
 @click.option("--max-batch", type=int, default=None, help="Profile: most images N (default 16).")
-@click.option("--interval-profile", is_flag=True, help="A second profile of N rows, for the unguided steps "
-              "outside a guidance interval (stacked layout).")
+@click.option("--interval-profile", is_flag=True, help="A second profile for the calls of fewer than 2N rows "
+              "(stacked layout): steps outside a guidance interval (N rows) and adaptive or cached guidance "
+              "(N to 2N rows); with it every row count from N_min to 2 N_max has a profile.")
 @click.option("--workspace", "workspace_mib", type=int, default=None, help="Workspace limit in MiB.")
 @click.option("--opt-level", "optimization_level", type=int, default=None,
               help="Builder optimization level 0..5 (TensorRT's default 3).")
