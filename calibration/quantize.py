@@ -32,8 +32,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from cfg_export.calibration.data import CalibrationData, read_calibration
 from cfg_export.calibration.nodes import select_float_nodes
+from cfg_export.calibration.qdq import arrange_qdq, quantized_layers, single_reader_layers
+from cfg_export.calibration.ranges import DEFAULT_PERCENTILE
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import staged_dir
@@ -49,11 +53,12 @@ EXTRA = "quantize"  # pip install 'cfg-export[quantize]': onnx + onnxruntime
 
 
 class CalibrationMethod(enum.Enum):
-    """How activation ranges are taken from the recorded feeds."""
+    """How activation ranges are taken from the recorded feeds (see calibration.ranges)."""
 
     MINMAX = "minmax"  # the largest |value| seen (TensorRT's IInt8MinMaxCalibrator)
     ENTROPY = "entropy"  # the clipping that minimizes KL divergence (IInt8EntropyCalibrator2)
-    PERCENTILE = "percentile"  # the 99.999th percentile of |value|
+    PERCENTILE = "percentile"  # the 99.999th percentile of |value|, all steps pooled
+    MIN_MEAN = "min-mean"  # ModelOpt's diffusion recipe: per-step percentiles, min over batches, mean over steps
 
 
 class ActivationType(enum.Enum):
@@ -71,14 +76,16 @@ class QuantizeOptions:
     per_channel: bool | None = None  # default True
     reduce_range: bool | None = None  # 7-bit weights, for x86 CPUs without VNNI; default False
     activation_type: ActivationType | str | None = None  # default int8 (symmetric)
-    percentile: float | None = None  # for the percentile method; default 99.999
+    percentile: float | None = None  # for the percentile and min-mean methods; default 99.999
+    cpu_fusion: bool | None = None  # arrange the graph for ONNX Runtime's CPU fusions (calibration.qdq); default on
+    smoothquant: float | None = None  # SmoothQuant's alpha for the Linear layers (calibration.smoothquant); None: off
 
 
 @dataclass
 class QuantizeResult:
     directory: Path
     manifest: Manifest
-    kept: list[str]  # nodes left in float by the keep list
+    kept: list[str]  # nodes left in float (the keep list, and layers ONNX Runtime could not fuse)
     quantized: list[str]  # layers whose inputs come through DequantizeLinear (run in INT8)
     calibration: CalibrationData
     seconds: float
@@ -118,84 +125,95 @@ def _opset(model) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def keep_float_inputs(model, kept: Sequence[str]) -> int:
-    """Makes the kept nodes read float tensors: an input X' = DequantizeLinear(QuantizeLinear(X))
-    (a pair ONNX Runtime shares between all readers of X) becomes X again; Q/DQ nodes left
-    without readers are removed. Returns how many inputs were rewired."""
-    graph = model.graph
-    producer = {o: node for node in graph.node for o in node.output}
-    kept, count = set(kept), 0
-    for node in graph.node:
-        if node.name not in kept:
-            continue
-        for k, name in enumerate(node.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = q.input[0]
-                count += 1
-    while True:
-        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-        dead = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in read for o in node.output)]
-        if not dead:
-            return count
-        for node in dead:
-            graph.node.remove(node)
-
-
 def quantized_nodes(model, op_types: Sequence[str] = DEFAULT_OP_TYPES) -> list[str]:
     """Returns the names of the nodes of `op_types` whose inputs come through
     DequantizeLinear: the layers that run in INT8 (graph order)."""
-    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type in op_types and any(i in dq_outputs for i in n.input)]
+    return quantized_layers(model, op_types)
 
 
 @dataclass
 class QuantizedModel:
     model: object  # onnx.ModelProto with Q/DQ nodes
-    kept: list[str]  # nodes left in float by the keep list
+    kept: list[str]  # nodes left in float
     settings: dict  # what was done, for the manifest's producer.quantization
+
+
+def check_options(options: QuantizeOptions) -> tuple[CalibrationMethod, ActivationType]:
+    """Returns the parsed method and activation type; raises CfgExportError for bad options."""
+    method = parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")
+    act = parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    if options.percentile is not None and not 50 < float(options.percentile) <= 100:
+        raise CfgExportError(f"--percentile: got {options.percentile}, expected a percentile in (50, 100], "
+                             f"e.g. 99.999")
+    return method, act
 
 
 def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None = None, *,
                    nodes_to_quantize: Sequence[str] | None = None, cache: str | Path | None = None,
                    progress: Callable[[int, int], None] | None = None) -> QuantizedModel:
-    """Returns the Q/DQ INT8 form of the FP32 onnx ModelProto `model` (whose nodes get
-    names where they have none), calibrated on the feeds of `data`. nodes_to_quantize:
-    quantize only these nodes (and ignore the keep list), for sensitivity analysis.
-    cache: a JSON file of ranges onnxruntime writes, or reads instead of calibrating
-    (onnxruntime versions whose quantize_static has calibration_cache_path)."""
+    """Returns the Q/DQ INT8 form of the FP32 onnx ModelProto `model` (left unchanged, its
+    nodes get names where they have none), calibrated on the feeds of `data`.
+    nodes_to_quantize: quantize only these nodes (and ignore the keep list), for
+    sensitivity analysis. cache: a JSON file of ranges onnxruntime writes, or reads
+    instead of calibrating (the ranges of one calibration shared by several calls)."""
     import inspect
 
     options = options or QuantizeOptions()
-    method = parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")
-    act = parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    method, act = check_options(options)
     per_channel = True if options.per_channel is None else bool(options.per_channel)
     reduce_range = bool(options.reduce_range)
     op_types = list(DEFAULT_OP_TYPES if options.op_types is None else options.op_types)
     onnx = require("onnx", EXTRA)
     quantization = require("onnxruntime.quantization", EXTRA)
-    kept = select_float_nodes(model, options.keep_fp32)
-    if nodes_to_quantize is not None:
-        kept = []
+    select_float_nodes(model, ())  # names the unnamed nodes of the caller's model: names are how nodes are picked
+    source = onnx.ModelProto()
+    source.CopyFrom(model)
+    smoothing = None
+    if options.smoothquant is not None:
+        from cfg_export.calibration.smoothquant import smooth_model
+
+        smoothing = smooth_model(source, data, options.smoothquant)
+    kept = select_float_nodes(source, options.keep_fp32) if nodes_to_quantize is None else []
+    single: list[str] = []
+    if act is ActivationType.INT8 and options.cpu_fusion is not False:  # see calibration.qdq
+        candidates = [n.name for n in source.graph.node if n.op_type in op_types and n.name not in set(kept)]
+        if nodes_to_quantize is not None:
+            candidates = [name for name in candidates if name in set(nodes_to_quantize)]
+        single = single_reader_layers(source, op_types, candidates)
+        kept = kept + single
     types = {ActivationType.INT8: quantization.QuantType.QInt8, ActivationType.UINT8: quantization.QuantType.QUInt8}
+    percentile = DEFAULT_PERCENTILE if options.percentile is None else float(options.percentile)
     extra = {"ActivationSymmetric": act is ActivationType.INT8, "WeightSymmetric": True, "QuantizeBias": False,
              "CalibStridedMinMax": 1,  # one recorded step per collection: bounded memory, any method
-             "CalibPercentile": 99.999 if options.percentile is None else float(options.percentile)}
+             "CalibPercentile": percentile}
     reader = make_data_reader(data)
     if progress is not None:
         reader = _counting(reader, data.steps, progress)
     calibrate_method = {CalibrationMethod.MINMAX: quantization.CalibrationMethod.MinMax,
                         CalibrationMethod.ENTROPY: quantization.CalibrationMethod.Entropy,
-                        CalibrationMethod.PERCENTILE: quantization.CalibrationMethod.Percentile}[method]
+                        CalibrationMethod.PERCENTILE: quantization.CalibrationMethod.Percentile,
+                        CalibrationMethod.MIN_MEAN: quantization.CalibrationMethod.MinMax}[method]
+    has_cache = "calibration_cache_path" in inspect.signature(quantization.quantize_static).parameters
     more = {}
-    if cache is not None and "calibration_cache_path" in inspect.signature(quantization.quantize_static).parameters:
-        more["calibration_cache_path"] = str(cache)
+    spread = None
     with tempfile.TemporaryDirectory(prefix="cfg-export-quantize.") as work:
+        if method is CalibrationMethod.MIN_MEAN:
+            from cfg_export.calibration.ranges import (aggregate, calibrated_tensors, collect_step_ranges,
+                                                       write_range_cache)
+
+            cache = Path(cache) if cache is not None else Path(work) / "ranges.json"
+            if not cache.is_file():
+                ranges = collect_step_ranges(source, data, calibrated_tensors(source, op_types),
+                                             percentile=percentile, progress=progress)
+                spread = float(np.median(ranges.spread()))
+                write_range_cache(aggregate(ranges, "min-mean", symmetric=act is ActivationType.INT8), cache)
+        if cache is not None and has_cache:
+            more["calibration_cache_path"] = str(cache)
+        elif method is CalibrationMethod.MIN_MEAN:
+            raise CfgExportError("--method min-mean needs onnxruntime's calibration cache (quantize_static's "
+                                 "calibration_cache_path, onnxruntime >= 1.32); use --method percentile")
         named = Path(work) / "named.onnx"
-        onnx.save(model, str(named))  # with the node names select_float_nodes gave
+        onnx.save(source, str(named))
         quantized_path = Path(work) / "model.onnx"
         _quiet_root_logger(lambda: quantization.quantize_static(
             str(named), str(quantized_path), reader, quant_format=quantization.QuantFormat.QDQ,
@@ -204,13 +222,21 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
             nodes_to_quantize=list(nodes_to_quantize or []), calibrate_method=calibrate_method,
             extra_options=extra, **more))
         qmodel = onnx.load(str(quantized_path))
-    rewired = keep_float_inputs(qmodel, kept)
+    arrangement = arrange_qdq(qmodel, op_types, signed=act is ActivationType.INT8)
     settings = {"method": method.value, "per_channel": per_channel, "reduce_range": reduce_range,
                 "activation_type": act.value, "op_types": op_types,
                 "keep_fp32": list(options.keep_fp32) if options.keep_fp32 is not None else None,
-                "kept_nodes": len(kept), "rewired_inputs": rewired, "calibration_steps": data.steps,
+                "kept_nodes": len(kept), "several_readers_float": single,
+                "private_qdq_pairs": arrangement.private_pairs, "calibration_steps": data.steps,
                 "calibration_rows": int(sum(data.manifest.rows)), "sampler": data.manifest.sampler,
                 "w": data.manifest.w}
+    if method in (CalibrationMethod.PERCENTILE, CalibrationMethod.MIN_MEAN):
+        settings["percentile"] = percentile
+    if spread is not None:
+        settings["median_range_spread_over_steps"] = spread
+    if smoothing is not None:
+        settings["smoothquant"] = {"alpha": smoothing.alpha, "layers": len(smoothing.layers),
+                                   "inserted_mul": smoothing.inserted, "folded": smoothing.folded}
     return QuantizedModel(qmodel, kept, settings)
 
 
@@ -226,8 +252,7 @@ def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_
     """
     start = time.perf_counter()
     options = options or QuantizeOptions()
-    parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")  # bad input before the work
-    parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    check_options(options)  # bad input before the work
     artifact = as_artifact(artifact)
     directory = artifact.directory
     source = artifact.model_file(engine=False).manifest
