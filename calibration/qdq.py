@@ -110,8 +110,8 @@ def arrange_qdq(model, op_types: Sequence[str], signed: bool = True) -> Arrangem
     def copy(node, inputs: list[str], what: str):
         nonlocal count
         count += 1
-        made = helper.make_node(node.op_type, inputs, [f"{node.output[0]}_{what}{count}"], name=f"{node.name}_{what}{count}",
-                                domain=node.domain or None)
+        made = helper.make_node(node.op_type, inputs, [f"{node.output[0]}_{what}{count}"],
+                                name=f"{node.name}_{what}{count}", domain=node.domain or None)
         made.attribute.extend(node.attribute)
         added.append(made)
         return made

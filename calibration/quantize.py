@@ -241,18 +241,29 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
 
 
 def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_dir: str | Path,
-                      options: QuantizeOptions | None = None, overwrite: bool = False,
+                      options: QuantizeOptions | None = None, overwrite: bool = False, *, select: bool = False,
+                      budget: float | None = None, schedule: "str | Sequence[Sequence[int]] | None" = None,
                       progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Returns the new artifact written to `out_dir` (whole or not at all): a Q/DQ INT8
     model.onnx of the FP32 artifact (an Artifact or its folder), calibrated on the recorded feeds of
     `calib` (which must come from that very model file), and its manifest.json with
     precision 'int8-qdq', its own sha256 and the source's in producer.quantized_from.
     The model's inputs and outputs stay float32 [2N, ...] (stacked) as in the source.
+
+    select: choose the layers left in float by sensitivity against float time
+    (calibration.selection, x0 `budget`, default 4%) instead of the keep list of `options`.
+    schedule: 'auto' (float at the recorded timesteps whose implied-x0 error is above 5%,
+    if any), None or 'none' (INT8 at every step), or float timestep intervals [[lo, hi], ...]:
+    the FP32 model is then copied into OUT/float and runs those steps (calibration.precision).
     progress(done, total) is called after each recorded step is calibrated.
     """
+    from cfg_export.calibration.precision import add_schedule
+
     start = time.perf_counter()
     options = options or QuantizeOptions()
     check_options(options)  # bad input before the work
+    if isinstance(schedule, str) and schedule not in ("auto", "none"):
+        raise CfgExportError(f"schedule: got {schedule!r}, expected 'auto', 'none' or [[lo, hi], ...] intervals")
     artifact = as_artifact(artifact)
     directory = artifact.directory
     source = artifact.model_file(engine=False).manifest
@@ -262,16 +273,33 @@ def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_
     data = read_calibration(calib, source)
     onnx = require("onnx", EXTRA)
     ort = require("onnxruntime", EXTRA)
-    done = quantize_model(onnx.load(str(directory / source.model_file)), data, options, progress=progress)
+    notes = []
+    selection = None
+    if select:
+        from cfg_export.calibration.selection import select_layers
+
+        selection = select_layers(artifact, calib, options, budget=budget)
+        options = replace(options, keep_fp32=selection.keep_fp32)
+        notes.append(f"selection: {len(selection.kept)} of {len(selection.candidates)} layers left in float, max x0 "
+                     f"error {100 * max(selection.x0):.2f}% at the evaluated steps (budget "
+                     f"{100 * selection.budget:g}%)")
+    model = onnx.load(str(directory / source.model_file))
+    done = quantize_model(model, data, options, progress=progress)
     qmodel = done.model
+    settings = dict(done.settings)
+    if selection is not None:
+        settings["selection"] = {"budget": selection.budget, "kept": selection.kept, "x0": selection.x0}
+    intervals = _schedule(model, qmodel, source, data, schedule)
+    if intervals:
+        notes.append(f"precision schedule: float at t in {intervals} (FP32 model in {out_dir}/float)")
     producer = {**source.producer, "onnxruntime": ort.__version__, "quantized_from": source.model_sha256,
-                "quantization": done.settings}
+                "quantization": settings}
     manifest = replace(source, precision=PRECISION, opset=_opset(qmodel), producer=producer, model_sha256="")
     del qmodel.metadata_props[:]
     entry = qmodel.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(manifest.to_dict(with_sha=False), sort_keys=True)
     result = QuantizeResult(Path(out_dir), manifest, done.kept, quantized_nodes(qmodel, done.settings["op_types"]),
-                            data, 0.0)
+                            data, 0.0, notes)
     if not result.quantized:
         result.notes.append("no node was quantized: the keep list and op types leave the whole graph in float")
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
@@ -280,12 +308,34 @@ def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_
         if null_file:
             shutil.copyfile(directory / null_file, tmp / null_file)
         result.manifest = manifest.with_sha(tmp)
+        if intervals:
+            result.manifest = add_schedule(tmp, result.manifest, directory, source, intervals)
         result.manifest.write(tmp)
         _check_runs(tmp, result.manifest, data)
     result.seconds = time.perf_counter() - start
     log.info("quantized %s: %d nodes in INT8, %d kept in float, %s calibration over %d steps, in %.1f s",
              directory, len(result.quantized), len(result.kept), done.settings["method"], data.steps, result.seconds)
     return result
+
+
+def _schedule(model, qmodel, source: Manifest, data: CalibrationData, schedule) -> list[list[int]]:
+    """The float intervals: given, none, or (auto) from the implied-x0 error at every
+    recorded step of the calibration file."""
+    from cfg_export.calibration.precision import schedule_from_errors
+    from cfg_export.calibration.report import TARGET_X0_ERROR
+    from cfg_export.runtime.backends.scheduled import check_intervals
+
+    if schedule is None or schedule == "none":
+        return []
+    if schedule != "auto":
+        return [[int(lo), int(hi)] for lo, hi in check_intervals(schedule)]
+    if source.layout.value != "stacked":
+        raise CfgExportError("--schedule auto measures the implied x0 on the stacked layout; give the intervals")
+    from cfg_export.calibration.sensitivity import Evaluator
+
+    evaluator = Evaluator(model, source, list(data.batches()), float(data.manifest.w))
+    x0, _ = evaluator.errors(qmodel)
+    return schedule_from_errors(evaluator.timesteps, x0, TARGET_X0_ERROR)
 
 
 def _counting(reader, total: int, progress: Callable[[int, int], None]):

@@ -149,6 +149,7 @@ class Manifest:
     opset: int | None = None
     producer: dict = field(default_factory=dict)
     engine: dict | None = None  # TensorRT facts, for engine manifests
+    precision_schedule: dict | None = None  # steps run by another model file (backends.scheduled)
 
     def __post_init__(self):
         object.__setattr__(self, "layout", parse_enum(Layout, self.layout, "layout"))
@@ -179,6 +180,8 @@ class Manifest:
         }
         if self.engine is not None:
             d["engine"] = self.engine
+        if self.precision_schedule is not None:
+            d["precision_schedule"] = self.precision_schedule
         if with_sha:
             d["model_sha256"] = self.model_sha256
         return d
@@ -200,6 +203,7 @@ class Manifest:
                 opset=d.get("opset"),
                 producer=d.get("producer", {}),
                 engine=d.get("engine"),
+                precision_schedule=d.get("precision_schedule"),
             )
         except (KeyError, TypeError) as exc:
             raise CfgExportError(f"manifest is incomplete: {exc!r}; re-export the model with cfg-export onnx") from None
