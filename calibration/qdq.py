@@ -156,6 +156,27 @@ def arrange_qdq(model, op_types: Sequence[str], signed: bool = True) -> Arrangem
     return result
 
 
+def read_float_inputs(model, kept: Iterable[str]) -> int:
+    """The arrangement without --cpu-fusion (the recipe before calibration.qdq): the kept
+    nodes read float tensors, an input X' = DequantizeLinear(QuantizeLinear(X)) (a pair
+    onnxruntime shares between all readers of X) becoming X again; the pairs are otherwise
+    left shared. Returns how many inputs were rewired."""
+    graph = model.graph
+    producer = {o: node for node in graph.node for o in node.output}
+    kept, count = set(kept), 0
+    for node in graph.node:
+        if node.name not in kept:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == DEQUANTIZE else None
+            if q is not None and q.op_type == QUANTIZE:
+                node.input[k] = q.input[0]
+                count += 1
+    remove_dead_qdq(graph)
+    return count
+
+
 def remove_dead_qdq(graph) -> int:
     """Removes QuantizeLinear/DequantizeLinear nodes whose outputs nothing reads; returns how many."""
     removed = 0

@@ -36,7 +36,7 @@ import numpy as np
 
 from cfg_export.calibration.data import CalibrationData, read_calibration
 from cfg_export.calibration.nodes import select_float_nodes
-from cfg_export.calibration.qdq import arrange_qdq, quantized_layers, single_reader_layers
+from cfg_export.calibration.qdq import arrange_qdq, quantized_layers, read_float_inputs, single_reader_layers
 from cfg_export.calibration.ranges import DEFAULT_PERCENTILE
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 PRECISION = "int8-qdq"
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # inputs, weights and outputs get Q/DQ
 DEFAULT_METHOD = "percentile"
+MOVEMENT_OPS = ("Resize",)  # ops that move values without arithmetic: INT8 in, INT8 out, one scale
 EXTRA = "quantize"  # pip install 'cfg-export[quantize]': onnx + onnxruntime
 
 
@@ -79,6 +80,7 @@ class QuantizeOptions:
     percentile: float | None = None  # for the percentile and min-mean methods; default 99.999
     cpu_fusion: bool | None = None  # arrange the graph for ONNX Runtime's CPU fusions (calibration.qdq); default on
     smoothquant: float | None = None  # SmoothQuant's alpha for the Linear layers (calibration.smoothquant); None: off
+    simplify: bool | None = None  # exact graph pre-processing first (calibration.simplify); default on
 
 
 @dataclass
@@ -168,6 +170,11 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
     select_float_nodes(model, ())  # names the unnamed nodes of the caller's model: names are how nodes are picked
     source = onnx.ModelProto()
     source.CopyFrom(model)
+    simplified = None
+    if options.simplify is not False:
+        from cfg_export.calibration.simplify import simplify_graph
+
+        simplified = simplify_graph(source)
     smoothing = None
     if options.smoothquant is not None:
         from cfg_export.calibration.smoothquant import smooth_model
@@ -185,7 +192,9 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
     percentile = DEFAULT_PERCENTILE if options.percentile is None else float(options.percentile)
     extra = {"ActivationSymmetric": act is ActivationType.INT8, "WeightSymmetric": True, "QuantizeBias": False,
              "CalibStridedMinMax": 1,  # one recorded step per collection: bounded memory, any method
-             "CalibPercentile": percentile}
+             "CalibPercentile": percentile,
+             # data-movement ops (Resize) in op_types: quantize them even where their input is float
+             "ForceQuantizeNoInputCheck": bool(set(op_types) & set(MOVEMENT_OPS))}
     reader = make_data_reader(data)
     if progress is not None:
         reader = _counting(reader, data.steps, progress)
@@ -222,18 +231,24 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
             nodes_to_quantize=list(nodes_to_quantize or []), calibrate_method=calibrate_method,
             extra_options=extra, **more))
         qmodel = onnx.load(str(quantized_path))
-    arrangement = arrange_qdq(qmodel, op_types, signed=act is ActivationType.INT8)
+    if options.cpu_fusion is False:
+        private = 0
+        read_float_inputs(qmodel, kept)
+    else:
+        private = arrange_qdq(qmodel, op_types, signed=act is ActivationType.INT8).private_pairs
     settings = {"method": method.value, "per_channel": per_channel, "reduce_range": reduce_range,
                 "activation_type": act.value, "op_types": op_types,
                 "keep_fp32": list(options.keep_fp32) if options.keep_fp32 is not None else None,
                 "kept_nodes": len(kept), "several_readers_float": single,
-                "private_qdq_pairs": arrangement.private_pairs, "calibration_steps": data.steps,
-                "calibration_rows": int(sum(data.manifest.rows)), "sampler": data.manifest.sampler,
+                "cpu_fusion": options.cpu_fusion is not False, "private_qdq_pairs": private,
+                "calibration_steps": data.steps, "calibration_rows": int(sum(data.manifest.rows)), "sampler": data.manifest.sampler,
                 "w": data.manifest.w}
     if method in (CalibrationMethod.PERCENTILE, CalibrationMethod.MIN_MEAN):
         settings["percentile"] = percentile
     if spread is not None:
         settings["median_range_spread_over_steps"] = spread
+    if simplified is not None:
+        settings["simplified"] = simplified.__dict__
     if smoothing is not None:
         settings["smoothquant"] = {"alpha": smoothing.alpha, "layers": len(smoothing.layers),
                                    "inserted_mul": smoothing.inserted, "folded": smoothing.folded}
