@@ -146,9 +146,12 @@ def arrange_qdq(model, op_types: Sequence[str], signed: bool = True) -> Arrangem
             if u.input[k] in via:
                 u.input[k] = x
                 result.float_reads += 1
-        for u, k in layer_reads:
-            quantized = copy(q, [x, *q.input[1:]], "q").output[0] if signed else q.output[0]
-            u.input[k] = copy(dq, [quantized, *dq.input[1:]], "dq").output[0]
+        for j, (u, k) in enumerate(layer_reads):
+            params = list(q.input[1:])
+            if signed and j > 0 and len(params) > 1:  # see _own_zero_point
+                params[1] = _own_zero_point(graph, params[1], f"{q.name}_zp{j}")
+            quantized = copy(q, [x, *params], "q").output[0] if signed else q.output[0]
+            u.input[k] = copy(dq, [quantized, *(params if signed else dq.input[1:])], "dq").output[0]
             result.private_pairs += 1
     graph.node.extend(added)
     remove_dead_qdq(graph)
@@ -175,6 +178,25 @@ def read_float_inputs(model, kept: Iterable[str]) -> int:
                 count += 1
     remove_dead_qdq(graph)
     return count
+
+
+def _own_zero_point(graph, name: str, new_name: str) -> str:
+    """Adds a copy of the zero-point initializer `name` as `new_name`; returns new_name.
+
+    Two QuantizeLinear nodes of one tensor with the same scale and zero point are merged
+    by ONNX Runtime's common-subexpression elimination (after its ConstantSharing has
+    made equal scalar initializers one), which gives the merged one several readers again.
+    A zero point of its own, the same value under another name, keeps them apart: ONNX
+    Runtime (1.32) shares float scalars but not INT8 ones. tests/calibration/test_qdq.py
+    checks that the layers still fuse."""
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            copy = type(tensor)()
+            copy.CopyFrom(tensor)
+            copy.name = new_name
+            graph.initializer.append(copy)
+            return new_name
+    return name
 
 
 def remove_dead_qdq(graph) -> int:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 PRECISION = "int8-qdq"
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # inputs, weights and outputs get Q/DQ
 DEFAULT_METHOD = "percentile"
+INT8_KEEP_FLOAT = ("default", "@attention")  # the default keep list of INT8 (calibration.nodes)
 MOVEMENT_OPS = ("Resize",)  # ops that move values without arithmetic: INT8 in, INT8 out, one scale
 EXTRA = "quantize"  # pip install 'cfg-export[quantize]': onnx + onnxruntime
 
@@ -72,7 +73,7 @@ class QuantizeOptions:
     """How the model is quantized; None means the default."""
 
     method: CalibrationMethod | str | None = None  # default percentile
-    keep_fp32: Sequence[str] | None = None  # calibration.nodes entries; None: DEFAULT_KEEP_FLOAT; () quantize all
+    keep_fp32: Sequence[str] | None = None  # calibration.nodes entries; None: INT8_KEEP_FLOAT; () quantize all
     op_types: Sequence[str] | None = None  # default DEFAULT_OP_TYPES
     per_channel: bool | None = None  # default True
     reduce_range: bool | None = None  # 7-bit weights, for x86 CPUs without VNNI; default False
@@ -140,6 +141,14 @@ class QuantizedModel:
     settings: dict  # what was done, for the manifest's producer.quantization
 
 
+def keep_list(keep: Sequence[str] | None) -> list[str]:
+    """Returns the keep list of INT8: for None, and in place of 'default', the nodes keep
+    list's default and @attention."""
+    if keep is None:
+        return list(INT8_KEEP_FLOAT)
+    return [e for entry in keep for e in (INT8_KEEP_FLOAT if entry.strip() == "default" else (entry,))]
+
+
 def check_options(options: QuantizeOptions) -> tuple[CalibrationMethod, ActivationType]:
     """Returns the parsed method and activation type; raises CfgExportError for bad options."""
     method = parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")
@@ -180,9 +189,10 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
         from cfg_export.calibration.smoothquant import smooth_model
 
         smoothing = smooth_model(source, data, options.smoothquant)
-    kept = select_float_nodes(source, options.keep_fp32) if nodes_to_quantize is None else []
+    kept = select_float_nodes(source, keep_list(options.keep_fp32)) if nodes_to_quantize is None else []
     single: list[str] = []
-    if act is ActivationType.INT8 and options.cpu_fusion is not False:  # see calibration.qdq
+    quantize_all = options.keep_fp32 is not None and len(options.keep_fp32) == 0
+    if act is ActivationType.INT8 and options.cpu_fusion is not False and not quantize_all:  # see calibration.qdq
         candidates = [n.name for n in source.graph.node if n.op_type in op_types and n.name not in set(kept)]
         if nodes_to_quantize is not None:
             candidates = [name for name in candidates if name in set(nodes_to_quantize)]
@@ -241,8 +251,8 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
                 "keep_fp32": list(options.keep_fp32) if options.keep_fp32 is not None else None,
                 "kept_nodes": len(kept), "several_readers_float": single,
                 "cpu_fusion": options.cpu_fusion is not False, "private_qdq_pairs": private,
-                "calibration_steps": data.steps, "calibration_rows": int(sum(data.manifest.rows)), "sampler": data.manifest.sampler,
-                "w": data.manifest.w}
+                "calibration_steps": data.steps, "calibration_rows": int(sum(data.manifest.rows)),
+                "sampler": data.manifest.sampler, "w": data.manifest.w}
     if method in (CalibrationMethod.PERCENTILE, CalibrationMethod.MIN_MEAN):
         settings["percentile"] = percentile
     if spread is not None:

@@ -187,14 +187,14 @@ def judge(report: QualityReport) -> None:
         report.verdict = ("ship INT8: the implied x0 stays within the bound at every step"
                           + (" and the metrics stay inside FP32's intervals" if metrics_ok else "")
                           + f", {report.speedup:.2f}x the speed")
-    elif over and metrics_ok is not False:
-        report.verdict = "INT8 usable: " + "; ".join(problems) + (", yet the final metrics hold" if metrics_ok else "")
+    elif over and metrics_ok:
+        report.verdict = "INT8 usable: " + "; ".join(problems) + ", yet the final metrics hold"
         advice.append(f"to meet the per-step bound, run those timesteps in float (cfg-export quantize --schedule "
                       f"auto, float for t={min(e.timestep for e in over)}..{max(e.timestep for e in over)}) or "
                       f"keep the layers that hurt them in float (--select auto)")
     else:
         report.verdict = "keep FP32 (or fix the recipe): " + "; ".join(problems)
-        if metrics_ok is False:
+        if over or metrics_ok is False:
             advice.append("keep the layers with the largest effect on x0 per ms of float time in float "
                           "(cfg-export quantize --select auto), or run the steps over the bound in float "
                           "(--schedule auto)")

@@ -38,7 +38,7 @@ from cfg_export.runtime.errors import CfgExportError, require
 log = logging.getLogger(__name__)
 
 DEFAULT_BUDGET = 0.04  # the implied-x0 error the selection aims under (the report's bound is 5%)
-SELECTION_KEEP = ("@norm", "@embedding", "Softmax")  # always float; the convolutions are all candidates
+SELECTION_KEEP = ("@norm", "@embedding", "@attention")  # always float; the other layers are all candidates
 PROFILE_RUNS = 20
 
 
@@ -140,7 +140,7 @@ def select_layers(artifact: "Artifact | str | Path", calib: str | Path, options:
     budget = DEFAULT_BUDGET if budget is None else float(budget)
     if not 0 < budget < 1:
         raise CfgExportError(f"--budget: got {budget}, expected a relative x0 error in (0, 1), e.g. 0.04")
-    model, source, data = load_source(artifact, calib)
+    model, source, data = load_source(artifact, calib, options)
     from cfg_export.calibration.nodes import select_float_nodes
 
     base = replace(options, keep_fp32=SELECTION_KEEP)

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cfg_export.calibration.data import CalibrationData, read_calibration
-from cfg_export.calibration.quantize import DEFAULT_OP_TYPES, QuantizeOptions, quantize_model
+from cfg_export.calibration.quantize import DEFAULT_OP_TYPES, QuantizeOptions, keep_list, quantize_model
 from cfg_export.calibration.report import implied_x0, relative_error
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
@@ -85,7 +85,8 @@ class Evaluator:
         a = float(self.alphas[t])
         x = feeds["sample"].astype(np.float64)
         prediction = self.manifest.facts.prediction
-        eps = [to_eps(output[rows].astype(np.float64), x[rows], a, prediction) for rows in (slice(0, n), slice(n, None))]
+        eps = [to_eps(output[rows].astype(np.float64), x[rows], a, prediction)
+               for rows in (slice(0, n), slice(n, None))]
         guided = mix(eps[0], eps[1], np.full(n, self.w))
         return guided, implied_x0(x[:n], guided, a)
 
@@ -106,15 +107,22 @@ def evaluation_feeds(data: CalibrationData, k: int | None = None) -> list[dict]:
     return list(data.batches(picks))
 
 
-def load_source(artifact, calib) -> tuple[object, Manifest, CalibrationData]:
-    """(FP32 onnx ModelProto, its manifest, the checked calibration data) of a stacked artifact."""
+def load_source(artifact, calib, options: QuantizeOptions | None = None) -> tuple[object, Manifest, CalibrationData]:
+    """(FP32 onnx ModelProto, its manifest, the checked calibration data) of a stacked
+    artifact; the model pre-processed as quantize_model would (calibration.simplify), so
+    that its node names are those of the layers quantize_model quantizes."""
     artifact = as_artifact(artifact)
     source = artifact.model_file(engine=False).manifest
     if source.layout is not Layout.STACKED:
         raise CfgExportError("layer sensitivity is measured on stacked-layout artifacts (the w mix on the host)")
     data = read_calibration(calib, source)
     onnx = require("onnx", "quantize")
-    return onnx.load(str(artifact.directory / source.model_file)), source, data
+    model = onnx.load(str(artifact.directory / source.model_file))
+    if options is None or options.simplify is not False:
+        from cfg_export.calibration.simplify import simplify_graph
+
+        simplify_graph(model)
+    return model, source, data
 
 
 def layer_sensitivity(artifact: "Artifact | str | Path", calib: str | Path, options: QuantizeOptions | None = None, *,
@@ -127,8 +135,8 @@ def layer_sensitivity(artifact: "Artifact | str | Path", calib: str | Path, opti
     from cfg_export.calibration.nodes import select_float_nodes
 
     options = options or QuantizeOptions()
-    model, source, data = load_source(artifact, calib)
-    kept = set(select_float_nodes(model, options.keep_fp32))
+    model, source, data = load_source(artifact, calib, options)
+    kept = set(select_float_nodes(model, keep_list(options.keep_fp32)))
     op_types = set(DEFAULT_OP_TYPES if options.op_types is None else options.op_types)
     candidates = list(nodes) if nodes is not None else [
         n.name for n in model.graph.node if n.op_type in op_types and n.name not in kept]

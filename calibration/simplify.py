@@ -12,7 +12,12 @@ inference):
   constants;
 - GroupNorm's affine, Add(Mul(x, gamma), beta) with one value per channel, becomes one
   inference-mode BatchNormalization (mean 0, variance 1, epsilon 0): the same product and
-  sum per element, one pass over the tensor instead of two.
+  sum per element, one pass over the tensor instead of two;
+- Linear layers reading one tensor (an attention block's query, key and value
+  projections) become one MatMul with the weights side by side, and a Split: one larger
+  GEMM, and one reader of the tensor instead of three (ONNX Runtime's common-subexpression
+  elimination would merge three quantizations of it into one with three readers, which
+  its x86 INT8 kernels cannot fuse, see calibration.qdq).
 A reader less matters for INT8: a quantized layer whose output has one reader fuses
 (calibration.qdq). The FP32 model gains the same node count; benchmarks/int8_cpu.py
 times it as a control.
@@ -35,6 +40,7 @@ class Simplified:
     reshapes: int = 0  # Reshape(y, Shape(x)) made constant
     unsqueezes: int = 0  # Unsqueeze pairs merged
     affines: int = 0  # Mul(x, a) -> Add(., b) per-channel pairs made one BatchNormalization
+    merged_linears: int = 0  # MatMuls of one input merged into one (and a Split)
     removed: int = 0  # nodes removed
 
 
@@ -113,6 +119,9 @@ def simplify_graph(model) -> Simplified:
         producer[node.output[0]] = merged
         result.unsqueezes += 1
     result.affines = _merge_affines(graph, shapes, constants)
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset >= 13:  # Split takes its sizes as an input from opset 13
+        result.merged_linears = _merge_shared_linears(graph)
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     dead = [n for n in graph.node if n.op_type in ("Shape", "Constant") and not any(o in used for o in n.output)]
     for node in dead:
@@ -161,5 +170,38 @@ def _merge_affines(graph, shapes: dict, constants: dict) -> int:
         graph.node.remove(mul)
         graph.node.remove(add)
         graph.node.append(node)
+        merged += 1
+    return merged
+
+
+def _merge_shared_linears(graph) -> int:
+    """Merges the MatMuls that read one tensor, each with its own constant weight [K, M_i]
+    of one dtype, into MatMul(x, [W_1 | W_2 | ...]) and a Split of the last axis into the
+    original outputs. Returns how many groups were merged."""
+    from onnx import helper, numpy_helper
+
+    users = consumers(graph)
+    initializers = {t.name: t for t in graph.initializer}
+    groups: dict[str, list] = {}
+    for node in graph.node:
+        if (node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in initializers
+                and node.input[0] not in initializers and len(initializers[node.input[1]].dims) == 2
+                and len(users[node.input[1]]) == 1):
+            groups.setdefault(node.input[0], []).append(node)
+    merged = 0
+    for x, nodes in groups.items():
+        weights = [numpy_helper.to_array(initializers[n.input[1]]) for n in nodes]
+        if len(nodes) < 2 or len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
+            continue
+        first = nodes[0]
+        name = f"{first.name}_merged"
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), f"{name}_weight"))
+        graph.initializer.append(numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64),
+                                                         f"{name}_split"))
+        graph.node.append(helper.make_node("MatMul", [x, f"{name}_weight"], [f"{name}_output"], name=name))
+        graph.node.append(helper.make_node("Split", [f"{name}_output", f"{name}_split"],
+                                           [n.output[0] for n in nodes], name=f"{name}_split", axis=-1))
+        for n in nodes:
+            graph.node.remove(n)
         merged += 1
     return merged
