@@ -148,6 +148,11 @@ def select_layers(artifact: "Artifact | str | Path", calib: str | Path, options:
     op_types = list(DEFAULT_OP_TYPES if options.op_types is None else options.op_types)
     by_name = {n.name: n.op_type for n in model.graph.node}
     names = [n.name for n in model.graph.node if n.op_type in op_types and n.name not in structural]
+    if options.cpu_fusion is not False and (options.activation_type or "int8") == "int8":
+        from cfg_export.calibration.qdq import single_reader_layers
+
+        unfusable = set(single_reader_layers(model, op_types, names))  # float whatever the selection
+        names = [name for name in names if name not in unfusable]
     feeds = evaluation_feeds(data, eval_steps)
     evaluator = Evaluator(model, source, feeds, float(data.manifest.w))
     middle = list(data.batches([data.steps // 2]))[0]

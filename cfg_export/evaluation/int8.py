@@ -11,7 +11,7 @@ import numpy as np
 
 from cfg_export.calibration.report import QualityReport, measure_quality
 from cfg_export.evaluation.evaluate import DEFAULT_CLASSIFIER, DEFAULT_REFERENCE
-from cfg_export.evaluation.stats import Quality, score
+from cfg_export.evaluation.stats import DEFAULT_RESAMPLES, Quality, score
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.progress import Progress
 
@@ -23,10 +23,12 @@ def classifier_input(classifier: str | Path) -> list:
     return list(session.get_inputs()[0].shape)
 
 
-def make_scorer(classifier: str | Path | None = None, reference: str | Path | None = None):
+def make_scorer(classifier: str | Path | None = None, reference: str | Path | None = None,
+                resamples: int | None = None):
     """Returns score(samples [N, *S], labels [N]) -> Quality, from the ONNX `classifier`
     (input [B, *S] -> 'logits' [B, K], 'features' [B, F]) and the `reference` statistics
-    (.npz with 'mean' [F] and 'cov' [F, F])."""
+    (.npz with 'mean' [F] and 'cov' [F, F]); resamples: of the bootstrap intervals (default
+    stats.DEFAULT_RESAMPLES)."""
     ort = require("onnxruntime", "onnxruntime")
     classifier = Path(classifier or DEFAULT_CLASSIFIER)
     reference = Path(reference or DEFAULT_REFERENCE)
@@ -41,7 +43,8 @@ def make_scorer(classifier: str | Path | None = None, reference: str | Path | No
 
     def scorer(samples: np.ndarray, labels: np.ndarray) -> Quality:
         logits, features = session.run(["logits", "features"], {image: samples.astype(np.float32)})
-        return score(logits, features, np.asarray(labels), stats["mean"], stats["cov"])
+        return score(logits, features, np.asarray(labels), stats["mean"], stats["cov"],
+                     resamples=DEFAULT_RESAMPLES if resamples is None else int(resamples))
 
     return scorer
 
@@ -49,8 +52,9 @@ def make_scorer(classifier: str | Path | None = None, reference: str | Path | No
 def compare_int8(fp32, int8, *, classes: Sequence[int] | None = None, n: int | None = None,
                  w: float | None = None, steps: int | None = None, sampler: str | None = None,
                  seed: int | None = None, classifier: str | Path | None = None,
-                 reference: str | Path | None = None, metrics: bool = True, chunk: int | None = None,
-                 threads: int | None = None, progress: Progress | None = None) -> QualityReport:
+                 reference: str | Path | None = None, metrics: bool = True, resamples: int | None = None,
+                 chunk: int | None = None, threads: int | None = None,
+                 progress: Progress | None = None) -> QualityReport:
     """Returns measure_quality's report of artifact `int8` against `fp32` with, when
     `metrics` (default) and the model takes class labels, the accuracy, IS analog and
     Frechet distance of both sample sets (see make_scorer)."""
@@ -65,7 +69,7 @@ def compare_int8(fp32, int8, *, classes: Sequence[int] | None = None, n: int | N
         fits = len(shape) == len(facts.sample_shape) + 1 and all(
             not isinstance(d, int) or d == s for d, s in zip(shape[1:], facts.sample_shape))
         if fits:
-            scorer = make_scorer(classifier, reference)
+            scorer = make_scorer(classifier, reference, resamples)
         elif classifier is not None:
             raise CfgExportError(f"--classifier {classifier} takes samples {shape[1:]}, the model makes "
                                  f"{list(facts.sample_shape)}: give a classifier of this model's samples")

@@ -17,7 +17,8 @@ def test_calibrate_then_quantize_with_report(tiny_artifacts, tmp_path):
                    "--keep-fp32", "default", "--report", "--report-n", "1", "--report-steps", "4")
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out / 'model.onnx'} and manifest.json (int8-qdq:" in proc.stdout
-    assert "INT8 vs FP32, ddim 4 steps, w=1.5" in proc.stdout and "final images: RMS difference" in proc.stdout
+    assert "INT8 vs FP32: ddim 4 steps, w=1.5" in proc.stdout and "final images, relative L2 distance" in proc.stdout
+    assert "advice: no metrics: the default (digits) classifier takes [1, 16, 16]" in proc.stdout
     assert read_manifest(out).producer["quantization"]["method"] == "minmax"
 
 
