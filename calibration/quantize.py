@@ -1,22 +1,29 @@
 """quantize_artifact: an FP32 artifact + its calibration file -> a new artifact whose
 model.onnx is explicitly quantized (QuantizeLinear/DequantizeLinear pairs, "Q/DQ").
 
-ONNX Runtime's static quantization (onnxruntime.quantization.quantize_static,
-QuantFormat.QDQ) does the work: weights quantized per output channel, activation
-ranges calibrated on the recorded sampler feeds (one batch per recorded step: the
-stacked 2N rows of both halves) by min-max, entropy (KL divergence, the method of
-TensorRT's entropy calibrator) or a percentile of the histogram (the default: it gave
-the smallest errors on the reference model, see README). Only the compute-heavy ops
-are quantized (Conv, ConvTranspose, Gemm, MatMul: their inputs, weights and outputs),
-and the nodes of calibration.nodes.DEFAULT_KEEP_FLOAT stay in float: their weights are
-not quantized, and where ONNX Runtime routes one of their inputs through the Q/DQ
-pair of a quantized neighbour, they are rewired to read the float tensor itself.
+The recipe, in order:
+1. exact graph pre-processing (calibration.simplify): constant reshapes instead of
+   Shape nodes, GroupNorm's affine as one op, Linear layers of one input merged;
+2. optionally SmoothQuant on the Linear layers (calibration.smoothquant);
+3. ONNX Runtime's static quantization (onnxruntime.quantization.quantize_static,
+   QuantFormat.QDQ): weights per output channel, activation ranges from the recorded
+   sampler feeds (one batch per recorded step: the stacked 2N rows of both halves) by
+   min-max, entropy (KL divergence, TensorRT's entropy calibrator), a percentile of the
+   pooled histogram (the default), or ModelOpt's min-mean of per-step percentiles
+   (calibration.ranges). Only the compute-heavy ops are quantized (Conv, ConvTranspose,
+   Gemm, MatMul: inputs, weights, outputs); the keep list stays float (INT8_KEEP_FLOAT:
+   calibration.nodes' default list and the attention MatMuls), or the layers chosen by
+   calibration.selection;
+4. the Q/DQ arrangement ONNX Runtime's CPU kernels fuse (calibration.qdq): each quantized
+   layer its own Q/DQ pair, float readers on float tensors, and, with signed activations,
+   layers whose output has several readers left float (ONNX Runtime cannot fuse them).
 
-The default form is the one TensorRT 10 and 11 build as INT8 from Q/DQ nodes (`cfg-export
-trt DIR --int8 --int8-onnx OUT/model.onnx`) and ONNX Runtime runs on the CPU: signed
-INT8 activations with symmetric ranges (zero point 0), INT8 weights per output channel,
+The form is the one TensorRT 10 and 11 build as INT8 from Q/DQ nodes (`cfg-export trt
+DIR --int8 --int8-onnx OUT/model.onnx`) and ONNX Runtime runs on the CPU: signed INT8
+activations with symmetric ranges (zero point 0), INT8 weights per output channel,
 biases left in float (TensorRT's parser refuses a DequantizeLinear of INT32 biases).
-'uint8' gives asymmetric activations, which only ONNX Runtime runs.
+'uint8' gives asymmetric activations, which only ONNX Runtime runs. A precision schedule
+(calibration.precision) adds the FP32 model for the steps that need it.
 """
 from __future__ import annotations
 
