@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,9 +61,11 @@ def slug(name: str) -> str:
 
 def quantized(fp32: Path, calib: Path, out: Path, options: QuantizeOptions, **keywords) -> Path:
     """The artifact of this recipe in `out`, reused when its recipe file matches."""
+    from cfg_export.runtime.files import sha256_file
+
     recipe = json.dumps({"options": {k: v for k, v in options.__dict__.items()},
                          "keywords": keywords, "source": Artifact.open(fp32).manifest.model_sha256,
-                         "calib": calib.stat().st_mtime}, sort_keys=True, default=str)
+                         "calib": sha256_file(calib)}, sort_keys=True, default=str)
     stamp = out.parent / f"{out.name}.recipe.json"
     if (out / "manifest.json").is_file() and stamp.is_file() and stamp.read_text() == recipe:
         return out
@@ -186,7 +187,8 @@ def reference_model(args, calib: Path) -> None:
     head = ["variant", "layers INT8 / fused"]
     for n in args.n:
         head += [f"N={n} wall per image (speed-up, per-round range)", f"N={n} CPU per image"]
-    head += ["max x0 error (t)", "steps > 5%", "guided eps t=0", "images rel. L2", "accuracy % [CI]", "FD"]
+    if reports:
+        head += ["max x0 error (t)", "steps > 5%", "guided eps t=0", "images rel. L2", "accuracy % [CI]", "FD"]
     say("| " + " | ".join(head) + " |")
     say("|" + "---|" * len(head))
     fp32_quality = next((r.quality.get("fp32") for r in reports.values()), None)

@@ -75,7 +75,8 @@ def quantize_command(directory, calib, out_dir, method, percentile, keep_fp32, q
                              "--report: add it")
     for path, option in ((classifier, "--classifier"), (reference, "--reference")):
         if path is not None and not Path(path).is_file():  # before the work, not after it
-            raise CfgExportError(f"{option} {path}: no such file")
+            raise CfgExportError(f"{option} {path}: no such file; give an existing file, or leave {option} out "
+                                 f"for the digits one")
     if schedule is not None and schedule not in ("auto", "none"):
         from cfg_export.calibration.precision import parse_schedule
 

@@ -92,3 +92,16 @@ def test_a_model_quantized_from_another_source_is_refused(tiny_artifacts, digits
     with pytest.raises(CfgExportError, match=r"was quantized from model [0-9a-f]{12}, .* is [0-9a-f]{12}: compare it "
                                              r"with its own source"):
         measure_quality(tiny_artifacts / "stacked", digits_int8.directory, n=1, steps=4)
+
+
+def test_report_input_errors(tiny_artifacts, tmp_path):
+    tiny = tiny_artifacts / "stacked"
+    with pytest.raises(CfgExportError, match=r"give either cond, or classes and n; not both"):
+        measure_quality(tiny, tiny, cond=[0, 1], n=2)
+    with pytest.raises(CfgExportError, match=r"chunk: got 0, expected at least 1 image per sampling call"):
+        measure_quality(tiny, tiny, classes=[0], n=1, chunk=0)
+    with pytest.raises(CfgExportError, match=r"scoring needs class labels: the classifier checks the asked class"):
+        measure_quality(tiny, tiny, cond=np.zeros((2, 3, 4), np.float32), score=lambda s, l: None)
+    with pytest.raises(CfgExportError, match=r"--classifier .*classifier.onnx takes samples \[1, 16, 16\], the model "
+                                             r"makes \[2, 6, 6\]: give a classifier of this model's samples"):
+        compare_int8(tiny, tiny, n=1, steps=4, classifier=CLASSIFIER)

@@ -98,3 +98,19 @@ def test_broken_schedules_are_refused(scheduled, tmp_path):
         open_backend(copy, "onnxruntime-cpu")
     with pytest.raises(CfgExportError, match=r"schedule: got 'late', expected 'auto', 'none' or \[\[lo, hi\], \.\.\.\]"):
         quantize_artifact(scheduled.directory.parent / "none", "x.npz", tmp_path / "q", schedule="late")
+
+
+def test_a_schedule_of_a_schedule_and_bad_intervals_are_refused(scheduled, tmp_path):
+    from cfg_export.runtime.backends.scheduled import check_intervals
+
+    copy = tmp_path / "nested"
+    shutil.copytree(scheduled.directory, copy)
+    inner = json.loads((copy / "float" / "manifest.json").read_text())
+    inner["precision_schedule"] = {"folder": "float", "float_timesteps": [[0, 1]]}
+    (copy / "float" / "manifest.json").write_text(json.dumps(inner))
+    with pytest.raises(CfgExportError, match=r"a scheduled model has a schedule of its own; quantize again"):
+        open_backend(copy, "onnxruntime-cpu")
+    with pytest.raises(CfgExportError, match=r"precision schedule: interval \[9.0, 1.0\] has lo > hi or is not finite"):
+        check_intervals([[0, 5], [9, 1]])
+    with pytest.raises(CfgExportError, match=r"precision schedule: got float_timesteps 'late', expected a list of"):
+        check_intervals("late")
