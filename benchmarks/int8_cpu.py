@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.tiny_diffusers for the attention models
+sys.path.append(str(ROOT))  # tests.tiny_diffusers for the attention models (after the installed package)
 
 from cfg_export.calibration.quantize import QuantizeOptions, quantize_artifact  # noqa: E402
 from cfg_export.calibration.record import record_calibration  # noqa: E402
