@@ -243,7 +243,8 @@ def attention_models(args) -> None:
 
         return td._randomize(UNet2DConditionModel(
             sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             layers_per_block=1, cross_attention_dim=32, attention_head_dim=8), seed=2)
 
     root = args.work / "attention"

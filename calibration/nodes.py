@@ -16,9 +16,10 @@ diffusion recipes keep the same set in higher precision). Entries of a keep list
                  (Cast, Sin, Cos, its Gemm/MatMul MLP), the class embedding Gather, a fused w
   @first-conv    the first convolution the sample goes through, in topological order
   @last-conv     the last convolution of the graph
-  @attention     every MatMul of two activations (the attention scores Q K^T and their
+  @attention-matmul
+                 every MatMul of two activations (the attention scores Q K^T and their
                  product with V): no constant weight to quantize per channel, and the
-                 Softmax between them stays float only when they do
+                 Softmax between them stays float only when they do (INT8's default)
   @full-res      every convolution that reads activations at the sample's own resolution
                  (not in the default: on the reference model these are the layers that
                  lose the most at low noise, and most of the speed; see README)
@@ -40,7 +41,7 @@ from cfg_export.runtime.errors import CfgExportError
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_FLOAT = ("@norm", "@embedding", "@first-conv", "@last-conv", "Softmax")
-GROUPS = ("@norm", "@embedding", "@first-conv", "@last-conv", "@full-res", "@attention")
+GROUPS = ("@norm", "@embedding", "@first-conv", "@last-conv", "@full-res", "@attention-matmul")
 NORM_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization", "BatchNormalization",
             "LpNormalization", "MeanVarianceNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 NORM_STATS_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "ReduceSumSquare", "ReduceL2")
@@ -165,7 +166,7 @@ def select_nodes(model, keep: Sequence[str] | None = None, sample: str | None = 
             matched = set(convs[-1:])
         elif entry == "@full-res":
             matched = full_resolution_convs(model, sample)
-        elif entry == "@attention":
+        elif entry == "@attention-matmul":
             constants = {t.name for t in graph.initializer} | {
                 o for n in graph.node if n.op_type == "Constant" for o in n.output}
             matched = {i for i, n in enumerate(graph.node)

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 PRECISION = "int8-qdq"
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # inputs, weights and outputs get Q/DQ
 DEFAULT_METHOD = "percentile"
-INT8_KEEP_FLOAT = ("default", "@attention")  # the default keep list of INT8 (calibration.nodes)
+INT8_KEEP_FLOAT = ("default", "@attention-matmul")  # the default keep list of INT8 (calibration.nodes)
 MOVEMENT_OPS = ("Resize",)  # ops that move values without arithmetic: INT8 in, INT8 out, one scale
 EXTRA = "quantize"  # pip install 'cfg-export[quantize]': onnx + onnxruntime
 
@@ -150,7 +150,7 @@ class QuantizedModel:
 
 def keep_list(keep: Sequence[str] | None) -> list[str]:
     """Returns the keep list of INT8: for None, and in place of 'default', the nodes keep
-    list's default and @attention."""
+    list's default and @attention-matmul."""
     if keep is None:
         return list(INT8_KEEP_FLOAT)
     return [e for entry in keep for e in (INT8_KEEP_FLOAT if entry.strip() == "default" else (entry,))]

@@ -110,7 +110,6 @@ def collect_step_ranges(model, data: CalibrationData, tensors: Sequence[str], *,
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     stacked = data.manifest.layout == "stacked"
-    shape = (len(tensors), data.steps)
     stats = {key: [] for key in ("amax", "low", "high", "minimum", "maximum")}
     for s, feeds in enumerate(data.batches()):
         rows = len(feeds["sample"])
@@ -131,7 +130,6 @@ def collect_step_ranges(model, data: CalibrationData, tensors: Sequence[str], *,
             progress(s + 1, data.steps)
     width = min(a.shape[1] for a in stats["amax"])  # steps of different row counts: the common batches
     arrays = {key: np.stack([a[:, :width] for a in value], axis=1) for key, value in stats.items()}
-    assert arrays["amax"].shape[:2] == shape
     return StepRanges(list(tensors), list(data.manifest.recorded_timesteps), percentile=p, **arrays)
 
 

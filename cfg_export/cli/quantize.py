@@ -21,8 +21,9 @@ from cfg_export.runtime.errors import CfgExportError
                                                              "(default 99.999).")
 @click.option("--keep-fp32", multiple=True, metavar="PATTERN",
               help="Leave matching nodes in float (repeatable): @norm, @embedding, @first-conv, @last-conv, "
-                   "@full-res (convolutions at the sample's resolution), an op type, or a node-name glob; "
-                   "'default' adds the default list (@norm @embedding @first-conv @last-conv Softmax).")
+                   "@full-res (convolutions at the sample's resolution), @attention-matmul (MatMuls of two "
+                   "activations), an op type, or a node-name glob; 'default' adds the default list (@norm "
+                   "@embedding @first-conv @last-conv Softmax @attention-matmul).")
 @click.option("--quantize-all", is_flag=True, help="Leave no node in float (every Conv/Gemm/MatMul in INT8).")
 @click.option("--select", is_flag=True,
               help="Choose the layers left in float by measured sensitivity (implied-x0 error) against their time "

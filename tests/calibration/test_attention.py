@@ -37,9 +37,11 @@ def attention(tmp_path_factory):
         folder = tiny_diffusers.save_pipeline_folder(root / f"{key}-src", build(), sub)
         export_onnx(str(folder), root / key, **extra)
         calib = record_calibration(root / key, root / f"{key}.npz", cond=cond, w=3.0, steps=STEPS).path
-        out[key] = {"fp32": root / key, "cond": cond, "int8": quantize_artifact(root / key, calib, root / f"{key}-int8")}
+        out[key] = {"fp32": root / key, "cond": cond,
+                    "int8": quantize_artifact(root / key, calib, root / f"{key}-int8")}
         if key == "dit":  # SmoothQuant on the one model (each quantization costs seconds)
-            out[key]["smooth"] = quantize_artifact(root / key, calib, root / f"{key}-sq", QuantizeOptions(smoothquant=0.5))
+            out[key]["smooth"] = quantize_artifact(root / key, calib, root / f"{key}-sq",
+                                                   QuantizeOptions(smoothquant=0.5))
     return out
 
 

@@ -43,8 +43,9 @@ def test_quantize_option_errors_name_the_fix(tiny_artifacts, tiny_calib, tmp_pat
             (["--budget", "0.03"], "--budget applies with --select: add it"),
             (["--classifier", "c.onnx"], "--classifier, --reference, --no-metrics, --report-n and --report-steps "
                                          "apply with --report: add it"),
-            (["--report", "--reference", "missing.npz"], "--reference missing.npz: no such file; give an existing file, or leave "
-                                                            "--reference out for the digits one"),
+            (["--report", "--reference", "missing.npz"],
+             "--reference missing.npz: no such file; give an existing file, or leave --reference out for the "
+             "digits one"),
             (["--schedule", "0-x"], "--schedule: got '0-x', expected auto, none, or timestep intervals LO-HI[,LO-HI], "
                                     "e.g. 0-160")):
         proc = run_cli("quantize", tiny_artifacts / "stacked", "--calib", tiny_calib.path, "-o", tmp_path / "q", *args)

@@ -33,9 +33,11 @@ def fanout_graph() -> onnx.ModelProto:
              helper.make_node("Sigmoid", ["r_dq"], ["s"], name="sigmoid")]
     for name in ("a", "b"):
         inits.append(numpy_helper.from_array(g.integers(-60, 61, (8, 4, 3, 3)).astype(np.int8), f"w_{name}"))
-        nodes += [helper.make_node("DequantizeLinear", [f"w_{name}", "s_w", "z_w"], [f"w_{name}_dq"], name=f"w_{name}_dq"),
+        nodes += [helper.make_node("DequantizeLinear", [f"w_{name}", "s_w", "z_w"], [f"w_{name}_dq"],
+                                   name=f"w_{name}_dq"),
                   helper.make_node("Conv", ["r_dq", f"w_{name}_dq"], [f"c_{name}"], name=f"conv_{name}", pads=[1] * 4),
-                  helper.make_node("QuantizeLinear", [f"c_{name}", "s_out", "z_out"], [f"c_{name}_q"], name=f"c_{name}_q"),
+                  helper.make_node("QuantizeLinear", [f"c_{name}", "s_out", "z_out"], [f"c_{name}_q"],
+                                   name=f"c_{name}_q"),
                   helper.make_node("DequantizeLinear", [f"c_{name}_q", "s_out", "z_out"], [f"c_{name}_dq"],
                                    name=f"c_{name}_dq")]
     nodes.append(helper.make_node("Add", ["c_a_dq", "c_b_dq"], ["y"], name="add"))
@@ -87,7 +89,8 @@ def test_layers_with_several_readers_and_the_former_arrangement():
     w = numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w")
     float_graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
-         helper.make_node("Sigmoid", ["c"], ["s"], name="sigmoid"), helper.make_node("Conv", ["r", "w"], ["y"], name="last")],
+         helper.make_node("Sigmoid", ["c"], ["s"], name="sigmoid"),
+         helper.make_node("Conv", ["r", "w"], ["y"], name="last")],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("s", "y")], [w])
     two_readers = helper.make_model(float_graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -66,7 +66,7 @@ def test_aggregations_follow_their_definitions(tiny):
         every = np.concatenate([values[s][name].ravel() for s in range(data.steps)]).astype(np.float64)
         assert minmax[name] == pytest.approx((-np.abs(every).max(), np.abs(every).max()), rel=1e-6)
         assert asymmetric[name] == pytest.approx((every.min(), every.max()), rel=1e-6)
-        want = np.mean([ranges.amax[k, s].min() for s in range(data.steps)])  # ModelOpt: min over batches, mean over steps
+        want = np.mean([ranges.amax[k, s].min() for s in range(data.steps)])  # min over batches, mean over steps
         assert minmean[name] == pytest.approx((-want, want), rel=1e-9)
         assert minmean[name][1] <= minmax[name][1]
     assert np.all(ranges.spread() >= 1)
@@ -80,6 +80,7 @@ def test_quantized_model_holds_the_ranges_of_both_halves(tiny):
     q = next(n for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == last)
     every = np.concatenate([values[s][last] for s in range(data.steps)])
     n = data.manifest.images
-    halves = [np.concatenate([values[s][last][rows] for s in range(data.steps)]) for rows in (slice(0, n), slice(n, None))]
+    halves = [np.concatenate([values[s][last][rows] for s in range(data.steps)])
+              for rows in (slice(0, n), slice(n, None))]
     assert float(scales[q.input[1]]) == pytest.approx(np.abs(every).max() / 127, rel=1e-5)
     assert max(np.abs(h).max() for h in halves) == np.abs(every).max()

@@ -63,7 +63,8 @@ def test_report_leads_with_x0_and_gives_a_verdict(report):
 
 def _report(x0s, fd_int8=1.0, acc_int8=1.0, speed=(2.0, 1.0)) -> QualityReport:
     est = lambda v, lo, hi: Estimate(v, lo, hi)
-    quality = lambda acc, fd: Quality(est(acc, acc - 0.01, min(acc + 0.01, 1)), est(8, 7, 9), est(fd, fd - .5, fd + .5), 10)
+    quality = lambda acc, fd: Quality(est(acc, acc - 0.01, min(acc + 0.01, 1)), est(8, 7, 9),
+                                      est(fd, fd - .5, fd + .5), 10)
     steps = [StepError(i, 980 - 20 * i, x0, 0.5, 0.1) for i, x0 in enumerate(x0s)]
     r = QualityReport(3.0, "ddim", len(steps), 1, 10, steps, np.zeros(10), {"fp32": speed[0], "int8": speed[1]}, 10,
                       quality={"fp32": quality(1.0, 1.0), "int8": quality(acc_int8, fd_int8)})

@@ -36,7 +36,8 @@ def test_scheduled_artifact_carries_its_float_model(scheduled, tiny_artifacts):
     m = read_manifest(scheduled.directory)
     assert m.precision_schedule == {"folder": "float", "float_timesteps": FLOAT_AT, "float_precision": "fp32"}
     source = read_manifest(tiny_artifacts / "stacked")
-    assert read_manifest(scheduled.directory / "float") == source and m.producer["quantized_from"] == source.model_sha256
+    assert read_manifest(scheduled.directory / "float") == source
+    assert m.producer["quantized_from"] == source.model_sha256
     assert scheduled.quantized and any("precision schedule" in n for n in scheduled.notes)
 
 
@@ -96,7 +97,8 @@ def test_broken_schedules_are_refused(scheduled, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CfgExportError, match=r"precision_schedule has no valid 'folder' \('../elsewhere'\)"):
         open_backend(copy, "onnxruntime-cpu")
-    with pytest.raises(CfgExportError, match=r"schedule: got 'late', expected 'auto', 'none' or \[\[lo, hi\], \.\.\.\]"):
+    with pytest.raises(CfgExportError,
+                       match=r"schedule: got 'late', expected 'auto', 'none' or \[\[lo, hi\], \.\.\.\]"):
         quantize_artifact(scheduled.directory.parent / "none", "x.npz", tmp_path / "q", schedule="late")
 
 
