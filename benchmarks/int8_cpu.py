@@ -304,6 +304,7 @@ def main() -> None:
     parser.add_argument("--methods", action="store_true", help="compare the activation-range methods")
     parser.add_argument("--methods-n", type=int, default=4, help="images per class of the methods table")
     parser.add_argument("--attention", action="store_true", help="the tiny DiT and SD UNet table")
+    parser.add_argument("--skip-reference", action="store_true", help="no reference-model table (with --attention)")
     args = parser.parse_args()
     args.n = [int(v) for v in args.n.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -315,7 +316,8 @@ def main() -> None:
     if not calib.is_file():
         result = record_calibration(args.fp32, calib)
         say(f"calibration: {calib}, {len(result.manifest.rows)} steps x {result.manifest.rows[0]} rows")
-    reference_model(args, calib)
+    if not args.skip_reference:
+        reference_model(args, calib)
     if args.methods:
         range_methods(args, calib)
     if args.attention:
