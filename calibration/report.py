@@ -27,7 +27,7 @@ import numpy as np
 
 from cfg_export.calibration.record import DEFAULT_W, default_conditions
 from cfg_export.runtime.artifact import Artifact, as_artifact
-from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.guidance import mix, to_eps
 from cfg_export.runtime.manifest import Layout
 from cfg_export.runtime.progress import Progress, scaled
@@ -282,15 +282,3 @@ def measure_quality(fp32: "Artifact | str | Path", int8: "Artifact | str | Path"
     judge(report)
     return report
 
-
-def classify(classifier: str | Path, samples: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Returns the argmax labels [N] of an ONNX classifier (samples in, logits first out)."""
-    ort = require("onnxruntime", "onnxruntime")
-    path = Path(classifier)
-    if not path.is_file():
-        raise CfgExportError(f"--classifier {path}: no such file; expected an ONNX classifier taking the samples")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = samples.astype(np.float32)
-    logits = [session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)]
-    return np.concatenate(logits).argmax(1)
