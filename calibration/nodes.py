@@ -16,6 +16,10 @@ diffusion recipes keep the same set in higher precision). Entries of a keep list
                  (Cast, Sin, Cos, its Gemm/MatMul MLP), the class embedding Gather, a fused w
   @first-conv    the first convolution the sample goes through, in topological order
   @last-conv     the last convolution of the graph
+  @attention-matmul
+                 every MatMul of two activations (the attention scores Q K^T and their
+                 product with V): no constant weight to quantize per channel, and the
+                 Softmax between them stays float only when they do (INT8's default)
   @full-res      every convolution that reads activations at the sample's own resolution
                  (not in the default: on the reference model these are the layers that
                  lose the most at low noise, and most of the speed; see README)
@@ -37,7 +41,7 @@ from cfg_export.runtime.errors import CfgExportError
 log = logging.getLogger(__name__)
 
 DEFAULT_KEEP_FLOAT = ("@norm", "@embedding", "@first-conv", "@last-conv", "Softmax")
-GROUPS = ("@norm", "@embedding", "@first-conv", "@last-conv", "@full-res")
+GROUPS = ("@norm", "@embedding", "@first-conv", "@last-conv", "@full-res", "@attention-matmul")
 NORM_OPS = ("GroupNormalization", "LayerNormalization", "InstanceNormalization", "BatchNormalization",
             "LpNormalization", "MeanVarianceNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 NORM_STATS_OPS = ("ReduceMean", "Pow", "Sqrt", "Reciprocal", "ReduceSumSquare", "ReduceL2")
@@ -46,7 +50,7 @@ CONV_OPS = ("Conv", "ConvTranspose")
 
 def expand_keep(keep: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """Returns (entries, strict): the keep list with 'default' and 'none' expanded (None
-    means DEFAULT_KEEP_FLOAT), and the entries the user named, which must match a node."""
+    means DEFAULT_KEEP_FLOAT), and the op types and globs the user named, which must match a node."""
     if keep is None:
         return list(DEFAULT_KEEP_FLOAT), []
     entries, strict = [], []
@@ -58,7 +62,8 @@ def expand_keep(keep: Sequence[str] | None) -> tuple[list[str], list[str]]:
             if entry.startswith("@") and entry not in GROUPS:
                 raise CfgExportError(f"--keep-fp32 {entry!r}: no such group; groups: {', '.join(GROUPS)}")
             entries.append(entry)
-            strict.append(entry)
+            if not entry.startswith("@"):  # a group the model lacks is no typo; an op type or glob may be
+                strict.append(entry)
     return entries, strict
 
 
@@ -161,6 +166,11 @@ def select_nodes(model, keep: Sequence[str] | None = None, sample: str | None = 
             matched = set(convs[-1:])
         elif entry == "@full-res":
             matched = full_resolution_convs(model, sample)
+        elif entry == "@attention-matmul":
+            constants = {t.name for t in graph.initializer} | {
+                o for n in graph.node if n.op_type == "Constant" for o in n.output}
+            matched = {i for i, n in enumerate(graph.node)
+                       if n.op_type == "MatMul" and not any(name in constants for name in n.input)}
         else:
             matched = {i for i, n in enumerate(graph.node)
                        if n.op_type == entry or fnmatch.fnmatchcase(n.name, entry)}

@@ -1,22 +1,29 @@
 """quantize_artifact: an FP32 artifact + its calibration file -> a new artifact whose
 model.onnx is explicitly quantized (QuantizeLinear/DequantizeLinear pairs, "Q/DQ").
 
-ONNX Runtime's static quantization (onnxruntime.quantization.quantize_static,
-QuantFormat.QDQ) does the work: weights quantized per output channel, activation
-ranges calibrated on the recorded sampler feeds (one batch per recorded step: the
-stacked 2N rows of both halves) by min-max, entropy (KL divergence, the method of
-TensorRT's entropy calibrator) or a percentile of the histogram (the default: it gave
-the smallest errors on the reference model, see README). Only the compute-heavy ops
-are quantized (Conv, ConvTranspose, Gemm, MatMul: their inputs, weights and outputs),
-and the nodes of calibration.nodes.DEFAULT_KEEP_FLOAT stay in float: their weights are
-not quantized, and where ONNX Runtime routes one of their inputs through the Q/DQ
-pair of a quantized neighbour, they are rewired to read the float tensor itself.
+The recipe, in order:
+1. exact graph pre-processing (calibration.simplify): constant reshapes instead of
+   Shape nodes, GroupNorm's affine as one op, Linear layers of one input merged;
+2. optionally SmoothQuant on the Linear layers (calibration.smoothquant);
+3. ONNX Runtime's static quantization (onnxruntime.quantization.quantize_static,
+   QuantFormat.QDQ): weights per output channel, activation ranges from the recorded
+   sampler feeds (one batch per recorded step: the stacked 2N rows of both halves) by
+   min-max, entropy (KL divergence, TensorRT's entropy calibrator), a percentile of the
+   pooled histogram (the default), or ModelOpt's min-mean of per-step percentiles
+   (calibration.ranges). Only the compute-heavy ops are quantized (Conv, ConvTranspose,
+   Gemm, MatMul: inputs, weights, outputs); the keep list stays float (INT8_KEEP_FLOAT:
+   calibration.nodes' default list and the attention MatMuls), or the layers chosen by
+   calibration.selection;
+4. the Q/DQ arrangement ONNX Runtime's CPU kernels fuse (calibration.qdq): each quantized
+   layer its own Q/DQ pair, float readers on float tensors, and, with signed activations,
+   layers whose output has several readers left float (ONNX Runtime cannot fuse them).
 
-The default form is the one TensorRT 10 and 11 build as INT8 from Q/DQ nodes (`cfg-export
-trt DIR --int8 --int8-onnx OUT/model.onnx`) and ONNX Runtime runs on the CPU: signed
-INT8 activations with symmetric ranges (zero point 0), INT8 weights per output channel,
+The form is the one TensorRT 10 and 11 build as INT8 from Q/DQ nodes (`cfg-export trt
+DIR --int8 --int8-onnx OUT/model.onnx`) and ONNX Runtime runs on the CPU: signed INT8
+activations with symmetric ranges (zero point 0), INT8 weights per output channel,
 biases left in float (TensorRT's parser refuses a DequantizeLinear of INT32 biases).
-'uint8' gives asymmetric activations, which only ONNX Runtime runs.
+'uint8' gives asymmetric activations, which only ONNX Runtime runs. A precision schedule
+(calibration.precision) adds the FP32 model for the steps that need it.
 """
 from __future__ import annotations
 
@@ -32,8 +39,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from cfg_export.calibration.data import CalibrationData, read_calibration
 from cfg_export.calibration.nodes import select_float_nodes
+from cfg_export.calibration.qdq import arrange_qdq, quantized_layers, read_float_inputs, single_reader_layers
+from cfg_export.calibration.ranges import DEFAULT_PERCENTILE
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import check_export_target, staged_dir
@@ -45,15 +56,18 @@ log = logging.getLogger(__name__)
 PRECISION = "int8-qdq"
 DEFAULT_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # inputs, weights and outputs get Q/DQ
 DEFAULT_METHOD = "percentile"
+INT8_KEEP_FLOAT = ("default", "@attention-matmul")  # the default keep list of INT8 (calibration.nodes)
+MOVEMENT_OPS = ("Resize",)  # ops that move values without arithmetic: INT8 in, INT8 out, one scale
 EXTRA = "quantize"  # pip install 'cfg-export[quantize]': onnx + onnxruntime
 
 
 class CalibrationMethod(enum.Enum):
-    """How activation ranges are taken from the recorded feeds."""
+    """How activation ranges are taken from the recorded feeds (see calibration.ranges)."""
 
     MINMAX = "minmax"  # the largest |value| seen (TensorRT's IInt8MinMaxCalibrator)
     ENTROPY = "entropy"  # the clipping that minimizes KL divergence (IInt8EntropyCalibrator2)
-    PERCENTILE = "percentile"  # the 99.999th percentile of |value|
+    PERCENTILE = "percentile"  # the 99.999th percentile of |value|, all steps pooled
+    MIN_MEAN = "min-mean"  # ModelOpt's diffusion recipe: per-step percentiles, min over batches, mean over steps
 
 
 class ActivationType(enum.Enum):
@@ -66,19 +80,22 @@ class QuantizeOptions:
     """How the model is quantized; None means the default."""
 
     method: CalibrationMethod | str | None = None  # default percentile
-    keep_fp32: Sequence[str] | None = None  # calibration.nodes entries; None: DEFAULT_KEEP_FLOAT; () quantize all
+    keep_fp32: Sequence[str] | None = None  # calibration.nodes entries; None: INT8_KEEP_FLOAT; () quantize all
     op_types: Sequence[str] | None = None  # default DEFAULT_OP_TYPES
     per_channel: bool | None = None  # default True
     reduce_range: bool | None = None  # 7-bit weights, for x86 CPUs without VNNI; default False
     activation_type: ActivationType | str | None = None  # default int8 (symmetric)
-    percentile: float | None = None  # for the percentile method; default 99.999
+    percentile: float | None = None  # for the percentile and min-mean methods; default 99.999
+    cpu_fusion: bool | None = None  # arrange the graph for ONNX Runtime's CPU fusions (calibration.qdq); default on
+    smoothquant: float | None = None  # SmoothQuant's alpha for the Linear layers (calibration.smoothquant); None: off
+    simplify: bool | None = None  # exact graph pre-processing first (calibration.simplify); default on
 
 
 @dataclass
 class QuantizeResult:
     directory: Path
     manifest: Manifest
-    kept: list[str]  # nodes left in float by the keep list
+    kept: list[str]  # nodes left in float (the keep list, and layers ONNX Runtime could not fuse)
     quantized: list[str]  # layers whose inputs come through DequantizeLinear (run in INT8)
     calibration: CalibrationData
     seconds: float
@@ -118,84 +135,111 @@ def _opset(model) -> int:
     return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
-def keep_float_inputs(model, kept: Sequence[str]) -> int:
-    """Makes the kept nodes read float tensors: an input X' = DequantizeLinear(QuantizeLinear(X))
-    (a pair ONNX Runtime shares between all readers of X) becomes X again; Q/DQ nodes left
-    without readers are removed. Returns how many inputs were rewired."""
-    graph = model.graph
-    producer = {o: node for node in graph.node for o in node.output}
-    kept, count = set(kept), 0
-    for node in graph.node:
-        if node.name not in kept:
-            continue
-        for k, name in enumerate(node.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[k] = q.input[0]
-                count += 1
-    while True:
-        read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
-        dead = [node for node in graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(o in read for o in node.output)]
-        if not dead:
-            return count
-        for node in dead:
-            graph.node.remove(node)
-
-
 def quantized_nodes(model, op_types: Sequence[str] = DEFAULT_OP_TYPES) -> list[str]:
     """Returns the names of the nodes of `op_types` whose inputs come through
     DequantizeLinear: the layers that run in INT8 (graph order)."""
-    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in model.graph.node
-            if n.op_type in op_types and any(i in dq_outputs for i in n.input)]
+    return quantized_layers(model, op_types)
 
 
 @dataclass
 class QuantizedModel:
     model: object  # onnx.ModelProto with Q/DQ nodes
-    kept: list[str]  # nodes left in float by the keep list
+    kept: list[str]  # nodes left in float
     settings: dict  # what was done, for the manifest's producer.quantization
+
+
+def keep_list(keep: Sequence[str] | None) -> list[str]:
+    """Returns the keep list of INT8: for None, and in place of 'default', the nodes keep
+    list's default and @attention-matmul."""
+    if keep is None:
+        return list(INT8_KEEP_FLOAT)
+    return [e for entry in keep for e in (INT8_KEEP_FLOAT if entry.strip() == "default" else (entry,))]
+
+
+def check_options(options: QuantizeOptions) -> tuple[CalibrationMethod, ActivationType]:
+    """Returns the parsed method and activation type; raises CfgExportError for bad options."""
+    method = parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")
+    act = parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    if options.percentile is not None and not 50 < float(options.percentile) <= 100:
+        raise CfgExportError(f"--percentile: got {options.percentile}, expected a percentile in (50, 100], "
+                             f"e.g. 99.999")
+    return method, act
 
 
 def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None = None, *,
                    nodes_to_quantize: Sequence[str] | None = None, cache: str | Path | None = None,
                    progress: Callable[[int, int], None] | None = None) -> QuantizedModel:
-    """Returns the Q/DQ INT8 form of the FP32 onnx ModelProto `model` (whose nodes get
-    names where they have none), calibrated on the feeds of `data`. nodes_to_quantize:
-    quantize only these nodes (and ignore the keep list), for sensitivity analysis.
-    cache: a JSON file of ranges onnxruntime writes, or reads instead of calibrating
-    (onnxruntime versions whose quantize_static has calibration_cache_path)."""
+    """Returns the Q/DQ INT8 form of the FP32 onnx ModelProto `model` (left unchanged, its
+    nodes get names where they have none), calibrated on the feeds of `data`.
+    nodes_to_quantize: quantize only these nodes (and ignore the keep list), for
+    sensitivity analysis. cache: a JSON file of ranges onnxruntime writes, or reads
+    instead of calibrating (the ranges of one calibration shared by several calls)."""
     import inspect
 
     options = options or QuantizeOptions()
-    method = parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")
-    act = parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    method, act = check_options(options)
     per_channel = True if options.per_channel is None else bool(options.per_channel)
     reduce_range = bool(options.reduce_range)
     op_types = list(DEFAULT_OP_TYPES if options.op_types is None else options.op_types)
     onnx = require("onnx", EXTRA)
     quantization = require("onnxruntime.quantization", EXTRA)
-    kept = select_float_nodes(model, options.keep_fp32)
-    if nodes_to_quantize is not None:
-        kept = []
+    select_float_nodes(model, ())  # names the unnamed nodes of the caller's model: names are how nodes are picked
+    source = onnx.ModelProto()
+    source.CopyFrom(model)
+    simplified = None
+    if options.simplify is not False:
+        from cfg_export.calibration.simplify import simplify_graph
+
+        simplified = simplify_graph(source)
+    smoothing = None
+    if options.smoothquant is not None:
+        from cfg_export.calibration.smoothquant import smooth_model
+
+        smoothing = smooth_model(source, data, options.smoothquant)
+    kept = select_float_nodes(source, keep_list(options.keep_fp32)) if nodes_to_quantize is None else []
+    single: list[str] = []
+    quantize_all = options.keep_fp32 is not None and len(options.keep_fp32) == 0
+    if act is ActivationType.INT8 and options.cpu_fusion is not False and not quantize_all:  # see calibration.qdq
+        candidates = [n.name for n in source.graph.node if n.op_type in op_types and n.name not in set(kept)]
+        if nodes_to_quantize is not None:
+            candidates = [name for name in candidates if name in set(nodes_to_quantize)]
+        single = single_reader_layers(source, op_types, candidates)
+        kept = kept + single
     types = {ActivationType.INT8: quantization.QuantType.QInt8, ActivationType.UINT8: quantization.QuantType.QUInt8}
+    percentile = DEFAULT_PERCENTILE if options.percentile is None else float(options.percentile)
     extra = {"ActivationSymmetric": act is ActivationType.INT8, "WeightSymmetric": True, "QuantizeBias": False,
              "CalibStridedMinMax": 1,  # one recorded step per collection: bounded memory, any method
-             "CalibPercentile": 99.999 if options.percentile is None else float(options.percentile)}
+             "CalibPercentile": percentile,
+             # data-movement ops (Resize) in op_types: quantize them even where their input is float
+             "ForceQuantizeNoInputCheck": bool(set(op_types) & set(MOVEMENT_OPS))}
     reader = make_data_reader(data)
     if progress is not None:
         reader = _counting(reader, data.steps, progress)
     calibrate_method = {CalibrationMethod.MINMAX: quantization.CalibrationMethod.MinMax,
                         CalibrationMethod.ENTROPY: quantization.CalibrationMethod.Entropy,
-                        CalibrationMethod.PERCENTILE: quantization.CalibrationMethod.Percentile}[method]
+                        CalibrationMethod.PERCENTILE: quantization.CalibrationMethod.Percentile,
+                        CalibrationMethod.MIN_MEAN: quantization.CalibrationMethod.MinMax}[method]
+    has_cache = "calibration_cache_path" in inspect.signature(quantization.quantize_static).parameters
     more = {}
-    if cache is not None and "calibration_cache_path" in inspect.signature(quantization.quantize_static).parameters:
-        more["calibration_cache_path"] = str(cache)
+    spread = None
     with tempfile.TemporaryDirectory(prefix="cfg-export-quantize.") as work:
+        if method is CalibrationMethod.MIN_MEAN:
+            from cfg_export.calibration.ranges import (aggregate, calibrated_tensors, collect_step_ranges,
+                                                       write_range_cache)
+
+            cache = Path(cache) if cache is not None else Path(work) / "ranges.json"
+            if not cache.is_file():
+                ranges = collect_step_ranges(source, data, calibrated_tensors(source, op_types),
+                                             percentile=percentile, progress=progress)
+                spread = float(np.median(ranges.spread()))
+                write_range_cache(aggregate(ranges, "min-mean", symmetric=act is ActivationType.INT8), cache)
+        if cache is not None and has_cache:
+            more["calibration_cache_path"] = str(cache)
+        elif method is CalibrationMethod.MIN_MEAN:
+            raise CfgExportError("--method min-mean needs onnxruntime's calibration cache (quantize_static's "
+                                 "calibration_cache_path, onnxruntime >= 1.32); use --method percentile")
         named = Path(work) / "named.onnx"
-        onnx.save(model, str(named))  # with the node names select_float_nodes gave
+        onnx.save(source, str(named))
         quantized_path = Path(work) / "model.onnx"
         _quiet_root_logger(lambda: quantization.quantize_static(
             str(named), str(quantized_path), reader, quant_format=quantization.QuantFormat.QDQ,
@@ -204,30 +248,54 @@ def quantize_model(model, data: CalibrationData, options: QuantizeOptions | None
             nodes_to_quantize=list(nodes_to_quantize or []), calibrate_method=calibrate_method,
             extra_options=extra, **more))
         qmodel = onnx.load(str(quantized_path))
-    rewired = keep_float_inputs(qmodel, kept)
+    if options.cpu_fusion is False:
+        private = 0
+        read_float_inputs(qmodel, kept)
+    else:
+        private = arrange_qdq(qmodel, op_types, signed=act is ActivationType.INT8).private_pairs
     settings = {"method": method.value, "per_channel": per_channel, "reduce_range": reduce_range,
                 "activation_type": act.value, "op_types": op_types,
                 "keep_fp32": list(options.keep_fp32) if options.keep_fp32 is not None else None,
-                "kept_nodes": len(kept), "rewired_inputs": rewired, "calibration_steps": data.steps,
-                "calibration_rows": int(sum(data.manifest.rows)), "sampler": data.manifest.sampler,
-                "w": data.manifest.w}
+                "kept_nodes": len(kept), "several_readers_float": single,
+                "cpu_fusion": options.cpu_fusion is not False, "private_qdq_pairs": private,
+                "calibration_steps": data.steps, "calibration_rows": int(sum(data.manifest.rows)),
+                "sampler": data.manifest.sampler, "w": data.manifest.w}
+    if method in (CalibrationMethod.PERCENTILE, CalibrationMethod.MIN_MEAN):
+        settings["percentile"] = percentile
+    if spread is not None:
+        settings["median_range_spread_over_steps"] = spread
+    if simplified is not None:
+        settings["simplified"] = simplified.__dict__
+    if smoothing is not None:
+        settings["smoothquant"] = {"alpha": smoothing.alpha, "layers": len(smoothing.layers),
+                                   "inserted_mul": smoothing.inserted, "folded": smoothing.folded}
     return QuantizedModel(qmodel, kept, settings)
 
 
 def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_dir: str | Path,
-                      options: QuantizeOptions | None = None, overwrite: bool = False,
+                      options: QuantizeOptions | None = None, overwrite: bool = False, *, select: bool = False,
+                      budget: float | None = None, schedule: "str | Sequence[Sequence[int]] | None" = None,
                       progress: Callable[[int, int], None] | None = None) -> QuantizeResult:
     """Returns the new artifact written to `out_dir` (whole or not at all): a Q/DQ INT8
     model.onnx of the FP32 artifact (an Artifact or its folder), calibrated on the recorded feeds of
     `calib` (which must come from that very model file), and its manifest.json with
     precision 'int8-qdq', its own sha256 and the source's in producer.quantized_from.
     The model's inputs and outputs stay float32 [2N, ...] (stacked) as in the source.
+
+    select: choose the layers left in float by sensitivity against float time
+    (calibration.selection, x0 `budget`, default 4%) instead of the keep list of `options`.
+    schedule: 'auto' (float at the recorded timesteps whose implied-x0 error is above 5%,
+    if any), None or 'none' (INT8 at every step), or float timestep intervals [[lo, hi], ...]:
+    the FP32 model is then copied into OUT/float and runs those steps (calibration.precision).
     progress(done, total) is called after each recorded step is calibrated.
     """
+    from cfg_export.calibration.precision import add_schedule
+
     start = time.perf_counter()
     options = options or QuantizeOptions()
-    parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")  # bad input before the work
-    parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    check_options(options)  # bad input before the work
+    if isinstance(schedule, str) and schedule not in ("auto", "none"):
+        raise CfgExportError(f"schedule: got {schedule!r}, expected 'auto', 'none' or [[lo, hi], ...] intervals")
     artifact = as_artifact(artifact)
     directory = artifact.directory
     check_export_target(directory, out_dir, overwrite)  # before the work: never the source, never a user's folder
@@ -238,16 +306,33 @@ def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_
     data = read_calibration(calib, source)
     onnx = require("onnx", EXTRA)
     ort = require("onnxruntime", EXTRA)
-    done = quantize_model(onnx.load(str(directory / source.model_file)), data, options, progress=progress)
+    notes = []
+    selection = None
+    if select:
+        from cfg_export.calibration.selection import select_layers
+
+        selection = select_layers(artifact, calib, options, budget=budget)
+        options = replace(options, keep_fp32=selection.keep_fp32)
+        notes.append(f"selection: {len(selection.kept)} of {len(selection.candidates)} layers left in float, max x0 "
+                     f"error {100 * max(selection.x0):.2f}% at the evaluated steps (budget "
+                     f"{100 * selection.budget:g}%)")
+    model = onnx.load(str(directory / source.model_file))
+    done = quantize_model(model, data, options, progress=progress)
     qmodel = done.model
+    settings = dict(done.settings)
+    if selection is not None:
+        settings["selection"] = {"budget": selection.budget, "kept": selection.kept, "x0": selection.x0}
+    intervals = _schedule(model, qmodel, source, data, schedule)
+    if intervals:
+        notes.append(f"precision schedule: float at t in {intervals} (FP32 model in {out_dir}/float)")
     producer = {**source.producer, "onnxruntime": ort.__version__, "quantized_from": source.model_sha256,
-                "quantization": done.settings}
+                "quantization": settings}
     manifest = replace(source, precision=PRECISION, opset=_opset(qmodel), producer=producer, model_sha256="")
     del qmodel.metadata_props[:]
     entry = qmodel.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(manifest.to_dict(with_sha=False), sort_keys=True)
     result = QuantizeResult(Path(out_dir), manifest, done.kept, quantized_nodes(qmodel, done.settings["op_types"]),
-                            data, 0.0)
+                            data, 0.0, notes)
     if not result.quantized:
         result.notes.append("no node was quantized: the keep list and op types leave the whole graph in float")
     with staged_dir(out_dir, overwrite=overwrite) as tmp:
@@ -256,12 +341,34 @@ def quantize_artifact(artifact: "Artifact | str | Path", calib: str | Path, out_
         if null_file:
             shutil.copyfile(directory / null_file, tmp / null_file)
         result.manifest = manifest.with_sha(tmp)
+        if intervals:
+            result.manifest = add_schedule(tmp, result.manifest, directory, source, intervals)
         result.manifest.write(tmp)
         _check_runs(tmp, result.manifest, data)
     result.seconds = time.perf_counter() - start
     log.info("quantized %s: %d nodes in INT8, %d kept in float, %s calibration over %d steps, in %.1f s",
              directory, len(result.quantized), len(result.kept), done.settings["method"], data.steps, result.seconds)
     return result
+
+
+def _schedule(model, qmodel, source: Manifest, data: CalibrationData, schedule) -> list[list[int]]:
+    """The float intervals: given, none, or (auto) from the implied-x0 error at every
+    recorded step of the calibration file."""
+    from cfg_export.calibration.precision import schedule_from_errors
+    from cfg_export.calibration.report import TARGET_X0_ERROR
+    from cfg_export.runtime.backends.scheduled import check_intervals
+
+    if schedule is None or schedule == "none":
+        return []
+    if schedule != "auto":
+        return [[int(lo), int(hi)] for lo, hi in check_intervals(schedule)]
+    if source.layout.value != "stacked":
+        raise CfgExportError("--schedule auto measures the implied x0 on the stacked layout; give the intervals")
+    from cfg_export.calibration.sensitivity import Evaluator
+
+    evaluator = Evaluator(model, source, list(data.batches()), float(data.manifest.w))
+    x0, _ = evaluator.errors(qmodel)
+    return schedule_from_errors(evaluator.timesteps, x0, TARGET_X0_ERROR)
 
 
 def _counting(reader, total: int, progress: Callable[[int, int], None]):

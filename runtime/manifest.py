@@ -28,6 +28,7 @@ DTYPES = ("float32", "float16", "int64", "int32")
 MAX_SAMPLE_ELEMENTS = 1 << 28  # values in one sample: refuses shapes no device holds
 STAGE_MANIFEST_KEYS = ("format", "model_file", "layout", "batch", "inputs", "outputs", "precision", "opset",
                        "producer", "engine", "model_sha256", "data_file", "data_sha256", "activation_bytes_per_row",
+                       "precision_schedule",
                        "stage")
 FACTS_KEYS = ("condition", "conditions", "prediction", "schedule", "sample_shape", "timestep_dtype", "scheduler",
               "patch_size")  # a denoiser's facts: a config's "guidance" block holds these and no others
@@ -264,6 +265,7 @@ class Manifest:
     data_file: str | None = None  # ONNX external data beside the model (models over 2 GB)
     data_sha256: str = ""
     activation_bytes_per_row: int | None = None  # peak activation memory per batch row, estimated at export
+    precision_schedule: dict | None = None  # steps run by another model file (backends.scheduled)
 
     def __post_init__(self):
         object.__setattr__(self, "layout", parse_enum(Layout, self.layout, "layout"))
@@ -302,6 +304,8 @@ class Manifest:
             d["data_file"] = self.data_file
         if self.activation_bytes_per_row is not None:
             d["activation_bytes_per_row"] = self.activation_bytes_per_row
+        if self.precision_schedule is not None:
+            d["precision_schedule"] = self.precision_schedule
         if with_sha:
             d["model_sha256"] = self.model_sha256
             if self.data_file is not None:
@@ -351,6 +355,8 @@ class Manifest:
             data_sha256=shas["data_sha256"],
             activation_bytes_per_row=None if d.get("activation_bytes_per_row") is None else expect_int(
                 d["activation_bytes_per_row"], "manifest activation_bytes_per_row", lo=0),
+            precision_schedule=None if d.get("precision_schedule") is None else expect_dict(
+                d["precision_schedule"], "manifest precision_schedule"),
         )
 
     def with_sha(self, directory: str | Path) -> "Manifest":

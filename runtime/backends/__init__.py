@@ -72,23 +72,47 @@ def open_backend(artifact, name: str | None = None, options: BackendOptions | No
 
         _refuse_unused("tensorrt", options)
         model = artifact.model_file(stage, engine=True)
-        return TensorRTBackend(model.path, model.manifest, cuda_graph=bool(options.cuda_graph),
-                               device=options.device or 0)
+        return _scheduled(s, TensorRTBackend(model.path, model.manifest, cuda_graph=bool(options.cuda_graph),
+                                             device=options.device or 0), name, options)
     model = artifact.model_file(stage, engine=False)
     if name == "onnxruntime-tensorrt":
         from .onnxrt_trt import OnnxRuntimeTensorRTBackend
 
         _refuse_unused(name, options)
-        return OnnxRuntimeTensorRTBackend(model.path, model.manifest, cache_dir=options.trt_cache,
-                                          fp16=bool(options.trt_fp16), max_batch=options.trt_max_batch,
-                                          threads=options.threads, spinning=options.spinning,
-                                          device_id=options.device or 0)
+        return _scheduled(s, OnnxRuntimeTensorRTBackend(
+            model.path, model.manifest, cache_dir=options.trt_cache, fp16=bool(options.trt_fp16),
+            max_batch=options.trt_max_batch, threads=options.threads, spinning=options.spinning,
+            device_id=options.device or 0), name, options)
     from .onnxrt import OnnxRuntimeBackend
 
     name = resolve_backend(name)
     _refuse_unused(name, options)
-    return OnnxRuntimeBackend(model.path, model.manifest, device=name.rsplit("-", 1)[1], threads=options.threads,
-                              spinning=options.spinning, device_id=options.device or 0)
+    return _scheduled(s, OnnxRuntimeBackend(model.path, model.manifest, device=name.rsplit("-", 1)[1],
+                                            threads=options.threads, spinning=options.spinning,
+                                            device_id=options.device or 0), name, options)
+
+
+def _scheduled(stage, backend: Backend, name: str, options: BackendOptions) -> Backend:
+    """The backend itself, or, for a model whose manifest has a precision schedule, a
+    ScheduledBackend that runs the scheduled steps on the same backend kind of the model
+    in the schedule's folder (opened once per stage)."""
+    schedule = backend.manifest.precision_schedule
+    if not schedule:
+        return backend
+    from ..artifact import Artifact
+    from .scheduled import ScheduledBackend
+
+    folder = schedule.get("folder") if isinstance(schedule, dict) else None
+    if not isinstance(folder, str) or not folder or ".." in folder or folder.startswith("/"):
+        raise CfgExportError(f"{stage.directory}: precision_schedule has no valid 'folder' ({folder!r}); quantize "
+                             f"the model again")
+    key = f"schedule:{folder}"
+    if key not in stage._cache:
+        stage._cache[key] = Artifact.open(stage.directory / folder)
+    other = stage._cache[key]
+    if other.manifest.precision_schedule:
+        raise CfgExportError(f"{other.directory}: a scheduled model has a schedule of its own; quantize again")
+    return ScheduledBackend(backend, open_backend(other, name, options), schedule.get("float_timesteps"))
 
 
 # the backends each option applies to, and its command-line flag

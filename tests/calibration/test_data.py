@@ -115,7 +115,7 @@ def test_empty_recording_and_too_few_steps_are_refused(tiny_calib, tiny_artifact
 def test_unknown_method_lists_the_valid_ones(tiny_calib, tiny_artifacts, tmp_path):
     with pytest.raises(CfgExportError) as exc:
         quantize_artifact(tiny_artifacts / "stacked", tiny_calib.path, tmp_path / "q", QuantizeOptions(method="kl"))
-    assert one_line(exc) == "--method: got 'kl', expected one of minmax, entropy, percentile"
+    assert one_line(exc) == "--method: got 'kl', expected one of minmax, entropy, percentile, min-mean"
     assert not (tmp_path / "q").exists()
 
 
@@ -127,4 +127,4 @@ def test_cli_prints_one_error_line(tiny_calib, tiny_artifacts, tmp_path):
     proc = run_cli("quantize", tiny_artifacts / "stacked", "--calib", tiny_calib.path, "-o", tmp_path / "q",
                    "--method", "max")
     assert proc.returncode == 1
-    assert proc.stderr.strip() == "Error: --method: got 'max', expected one of minmax, entropy, percentile"
+    assert proc.stderr.strip() == "Error: --method: got 'max', expected one of minmax, entropy, percentile, min-mean"

@@ -51,7 +51,8 @@ def test_groups_by_structure(graph_model):
 
 def test_unknown_group_and_unmatched_entry_are_refused(graph_model):
     with pytest.raises(CfgExportError, match=r"--keep-fp32 '@attention': no such group; groups: @norm, @embedding, "
-                                             r"@first-conv, @last-conv, @full-res"):
+                                             r"@first-conv, @last-conv, @full-res, @attention-matmul"):
         select_float_nodes(graph_model, ["@attention"])
+    assert select_float_nodes(graph_model, ["@attention-matmul"]) == []  # a group the model lacks matches nothing
     with pytest.raises(CfgExportError, match=r"--keep-fp32 'Softmax': matches no node"):
         select_float_nodes(graph_model, ["Softmax"])

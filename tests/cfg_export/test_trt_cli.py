@@ -137,7 +137,8 @@ def test_print_trtexec_layouts(tiny_artifacts):
     (["--keep-fp32", "@norm"], "Error: --keep-fp32 applies to FP16 builds: add --fp16, or drop --keep-fp32"),
     (["--fp16", "--keep-fp32", "/nowhere/*"], "Error: --keep-fp32 '/nowhere/*': matches no node (got neither an op "
                                                "type of the graph nor a node name); node names look like "
-                                               "'/model/Cast', groups: @norm, @embedding, @first-conv, @last-conv, @full-res"),
+                                               "'/model/Cast', groups: @norm, @embedding, @first-conv, @last-conv, @full-res, "
+                                                   "@attention-matmul"),
     (["--opt-level", 7], "Error: --opt-level: got 7, expected 0..5 (default 3)"),
     (["--no-gpu-fallback"], "Error: GPU fallback applies to DLA builds only: add --dla-core N, or drop the fallback "
                             "option"),
