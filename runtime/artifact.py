@@ -13,7 +13,6 @@ a file the Artifact already holds. Backends are opened from an Artifact's model 
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path

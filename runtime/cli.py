@@ -294,7 +294,6 @@ def sample(artifact, w, w_schedule, steps, sampler, karras, spacing, steps_offse
     """
     from .artifact import Artifact
     from .grid import sample_grid
-    from .guidance import GuidanceOptions
 
     opened = Artifact.open(artifact)
     pipeline_options = {"--prompt": prompts, "--prompts": prompts_file, "--negative-prompt": negative_prompts,
@@ -346,8 +345,10 @@ def sample(artifact, w, w_schedule, steps, sampler, karras, spacing, steps_offse
         f"rows per image")
 
 
-def guidance_options(w_schedule, interval, strategy, threshold, guidance_rescale) -> GuidanceOptions:
+def guidance_options(w_schedule, interval, strategy, threshold, guidance_rescale):
     """The GuidanceOptions of --w-schedule, --interval, --strategy, --threshold, --guidance-rescale."""
+    from .guidance import GuidanceOptions
+
     interval_values = parse_list(interval, float, "--interval", "0.3,5")
     if interval_values is not None and len(interval_values) != 2:
         raise CfgExportError(f"--interval: got {interval!r}, expected two noise levels LO,HI")

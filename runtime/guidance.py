@@ -28,6 +28,7 @@ from .backends.base import Backend
 from .engine import engine_profiles
 from .errors import CfgExportError
 from .manifest import ConditionKind, Layout, Manifest, Prediction
+from .samplers.core import Denoiser, vp_pair
 from .schedule import parse_enum
 from .strategies import AdaptiveStop, DirectionCache, check_adaptive, check_cache_every, check_noise_interval
 
@@ -76,19 +77,24 @@ def rescale(guided: np.ndarray, out_c: np.ndarray, phi: float) -> np.ndarray:
     return phi * guided * ratio + (1 - phi) * guided
 
 
+def to_eps(output: np.ndarray, x: np.ndarray, alpha_cumprod: float, prediction: Prediction) -> np.ndarray:
+    """Returns the noise eps a VP model output of the given prediction type implies at the
+    sample x = sqrt(a) x0 + sqrt(1 - a) eps (samplers.Denoiser reads the output)."""
+    a = float(alpha_cumprod)
+    return Denoiser(None, None, prediction).split(output, x, math.sqrt(a), math.sqrt(1 - a))[1]
+
+
 def to_x0(output: np.ndarray, x: np.ndarray, sigma: float, prediction: Prediction) -> np.ndarray:
-    """Returns the clean sample x0 [G, *S] a model output [G, *S] of the given prediction
-    type implies at the sample x [G, *S] of noise level sigma (sigma / alpha): for VP models
-    alpha_cumprod a = 1 / (1 + sigma^2); for flow models x = (1 - s) x0 + s eps with
-    s = sigma / (1 + sigma) and x0 = x - s v."""
-    if prediction is Prediction.X0:
-        return output
+    """Returns the clean sample x0 a model output of the given prediction type implies at
+    the sample x of noise level sigma (= sigma / alpha of the step): a VP sample
+    (alpha = 1 / sqrt(1 + sigma^2)), or for a flow model x = (1 - s) x0 + s eps with
+    s = sigma / (1 + sigma) (samplers.Denoiser reads the output)."""
     if prediction is Prediction.FLOW:
-        return x - sigma / (1.0 + sigma) * output
-    a = 1.0 / (1.0 + sigma * sigma)
-    if prediction is Prediction.EPS:
-        return (x - math.sqrt(1 - a) * output) / math.sqrt(a)
-    return math.sqrt(a) * x - math.sqrt(1 - a) * output
+        s = sigma / (1.0 + sigma)
+        alpha, noise = 1.0 - s, s
+    else:
+        alpha, noise = vp_pair(sigma)
+    return Denoiser(None, None, prediction).split(output, x, alpha, noise)[0]
 
 
 @dataclass

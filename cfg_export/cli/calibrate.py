@@ -4,7 +4,6 @@ from __future__ import annotations
 import click
 
 from cfg_export.runtime.cli import CONTEXT, Command, ProgressBar, parse_list, say, verbosity_options
-from cfg_export.runtime.errors import CfgExportError
 
 
 @click.command("calibrate", cls=Command, context_settings=CONTEXT)

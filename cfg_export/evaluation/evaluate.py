@@ -14,7 +14,7 @@ Needs no torch: sampling runs in the runtime, the classifier in ONNX Runtime.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

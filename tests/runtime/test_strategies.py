@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.guidance import GuidanceOptions, GuidedDenoiser, GuidedModel, RowPlanner, vp_sigma
+from cfg_export.runtime.guidance import GuidanceOptions, GuidedModel, RowPlanner
 from cfg_export.runtime.manifest import Condition, Layout, Manifest, ModelFacts, TensorSpec
-from cfg_export.runtime.samplers.ddim import sample_ddim
+from cfg_export.runtime.samplers import Denoiser, default_scheduler, plan_sampling, resolve_scheduler, run_plan
 from cfg_export.runtime.schedule import NoiseSchedule, make_timesteps
 from cfg_export.runtime.strategies import Strategy, cosine_similarity, parse_strategy
 from tests.runtime.fakes import RecordingBackend
@@ -104,21 +104,28 @@ def test_adaptive_outputs_mix_until_the_image_agrees():
             np.testing.assert_allclose(out[i].ravel(), want, rtol=1e-6)
 
 
+def vp_sigma(alpha_cumprod: float) -> float:
+    """The noise level sigma = sqrt((1 - a) / a) of a variance-preserving timestep."""
+    return math.sqrt((1.0 - alpha_cumprod) / alpha_cumprod)
+
+
 def sample_fake(options, labels, steps=12, prediction="eps", batch=None):
-    """DDIM over a fake eps model through GuidedDenoiser: returns (samples, rows per call)."""
+    """DDIM (leading spacing) over a fake eps model through GuidedModel: returns (samples,
+    rows per call, timesteps)."""
     def eps_fn(feeds):
         t = feeds["timestep"].astype(np.float64).reshape(-1, 1, 1, 1)
         c = feeds["cond"].astype(np.float64).reshape(-1, 1, 1, 1)
         return 0.3 * feeds["sample"] + np.sin(c + t / 250.0) * np.array([1.0, -0.5, 0.25, 2.0]).reshape(1, 1, 2, 2)
 
-    backend = RecordingBackend(manifest(prediction=prediction, batch=batch), eps_fn)
-    ac = NoiseSchedule().alphas_cumprod()
-    timesteps = make_timesteps(len(ac), steps, "leading")
+    m = manifest(prediction=prediction, batch=batch)
+    backend = RecordingBackend(m, eps_fn)
+    plan = plan_sampling(resolve_scheduler(default_scheduler(m.facts)), steps)
     x = np.random.default_rng(4).standard_normal((len(labels), 1, 2, 2))
+    nulls = {"cond": np.full(len(labels), NULL)}
     with backend:
-        denoiser = GuidedDenoiser(backend, ac, len(labels), options)
-        samples = sample_ddim(denoiser, x, np.asarray(labels), ac, timesteps, np.random.default_rng(0))
-    return samples, [len(f["sample"]) for f in backend.feeds], timesteps
+        model = GuidedModel(backend, len(labels), options, nulls)
+        samples = run_plan(plan, Denoiser(model, np.asarray(labels), prediction), x, np.random.default_rng(0))
+    return samples, [len(f["sample"]) for f in backend.feeds], plan.timesteps.astype(int)
 
 
 def test_adaptive_extremes_reduce_to_full_guidance_and_conditional_only():

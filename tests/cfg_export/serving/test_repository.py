@@ -14,7 +14,6 @@ from cfg_export.runtime.errors import CfgExportError
 from cfg_export.serving.config import check_config
 from cfg_export.serving.options import RepositoryOptions
 from cfg_export.serving.repository import write_repository
-from tests.conftest import ROOT
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient (cfg-export[serve]) parses configs")
 
