@@ -88,17 +88,11 @@ def _groups(rows: int, n_groups: int) -> list[np.ndarray]:
     return [np.concatenate([np.arange(j, n, n_groups), n + np.arange(j, n, n_groups)]) for j in range(n_groups)]
 
 
-def collect_step_ranges(model, data: CalibrationData, tensors: Sequence[str], *, percentile: float | None = None,
-                        groups: int | None = None, threads: int | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> StepRanges:
-    """Returns the statistics of `tensors` (float activations of the onnx ModelProto
-    `model`) at every recorded step of `data`, its rows split in `groups` batches of whole
-    images (default: up to MAX_GROUPS; stacked layouts keep each image's two rows together)."""
+def probe_session(model, tensors: Sequence[str], threads: int | None = None):
+    """Returns an ONNX Runtime CPU session of a copy of the onnx ModelProto `model` that
+    also outputs the float tensors `tensors`."""
     onnx = require("onnx", "quantize")
     ort = require("onnxruntime", "quantize")
-    p = DEFAULT_PERCENTILE if percentile is None else float(percentile)
-    if not 50 < p <= 100:
-        raise CfgExportError(f"--percentile: got {p}, expected a percentile in (50, 100], e.g. 99.999")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
@@ -108,7 +102,19 @@ def collect_step_ranges(model, data: CalibrationData, tensors: Sequence[str], *,
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def collect_step_ranges(model, data: CalibrationData, tensors: Sequence[str], *, percentile: float | None = None,
+                        groups: int | None = None, threads: int | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> StepRanges:
+    """Returns the statistics of `tensors` (float activations of the onnx ModelProto
+    `model`) at every recorded step of `data`, its rows split in `groups` batches of whole
+    images (default: up to MAX_GROUPS; stacked layouts keep each image's two rows together)."""
+    p = DEFAULT_PERCENTILE if percentile is None else float(percentile)
+    if not 50 < p <= 100:
+        raise CfgExportError(f"--percentile: got {p}, expected a percentile in (50, 100], e.g. 99.999")
+    session = probe_session(model, tensors, threads)
     stacked = data.manifest.layout == "stacked"
     stats = {key: [] for key in ("amax", "low", "high", "minimum", "maximum")}
     for s, feeds in enumerate(data.batches()):

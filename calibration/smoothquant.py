@@ -31,7 +31,8 @@ import numpy as np
 
 from cfg_export.calibration.data import CalibrationData
 from cfg_export.calibration.qdq import consumers, sort_topologically
-from cfg_export.runtime.errors import CfgExportError, require
+from cfg_export.calibration.ranges import probe_session
+from cfg_export.runtime.errors import CfgExportError
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +74,7 @@ def linear_layers(model) -> list[tuple[object, str, int]]:
 
 def activation_channel_max(model, data: CalibrationData, tensors: Sequence[str]) -> dict[str, np.ndarray]:
     """Returns tensor -> max |x| per channel of its last axis [K], over every recorded row."""
-    onnx = require("onnx", "quantize")
-    ort = require("onnxruntime", "quantize")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = probe_session(model, tensors)
     names = [o.name for o in session.get_outputs()]
     result: dict[str, np.ndarray] = {}
     for feeds in data.batches():

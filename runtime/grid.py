@@ -75,22 +75,36 @@ def grid_conditions(artifact: Artifact, classes: Sequence[int] | None, cond, neg
             negative, name = _array(negative, "--negative")
             negatives = check_embeddings(negative, manifest, name)
     else:
-        if cond is not None:
-            raise CfgExportError("--cond: this model takes class labels; use --classes")
-        if classes is None:
-            num_classes = manifest.facts.condition.num_classes
-            if num_classes > MAX_DEFAULT_CLASSES:
-                raise CfgExportError(f"this model has {num_classes} classes: pick the grid rows with --classes, "
-                                     "e.g. --classes 207,360,387")
-            classes = list(range(num_classes))
-        if len(classes) == 0:
-            raise CfgExportError("--classes: got no class, expected at least one label")
-        conds = np.asarray(classes, dtype=np.int64)
-        if negative is not None:
-            negatives = np.asarray(negative, dtype=np.int64).reshape(-1)
+        conds, negatives = class_rows(classes, cond, negative, manifest.facts.condition.num_classes, "this model")
     rows = len(conds)
     check_rows_fit(manifest.activation_bytes_per_row, rows * n * manifest.rows_per_image, rows * n, "sampling",
                    math.prod(manifest.facts.sample_shape))  # before the arrays of rows * n images are made
+    return repeat_rows(conds, negatives, n)
+
+
+def class_rows(classes: Sequence[int] | None, cond, negative, num_classes: int,
+               model: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns (labels [K], negative labels [1 or K] or None) of a class-conditional grid:
+    the given classes, or every class of a model with at most MAX_DEFAULT_CLASSES (`model`
+    names it in messages)."""
+    if cond is not None:
+        raise CfgExportError(f"--cond: {model} takes class labels; use --classes")
+    if classes is None:
+        if not 0 < num_classes <= MAX_DEFAULT_CLASSES:
+            raise CfgExportError(f"this model has {num_classes} classes: pick the grid rows with --classes, "
+                                 "e.g. --classes 207,360,387")
+        classes = list(range(num_classes))
+    if len(classes) == 0:
+        raise CfgExportError("--classes: got no class, expected at least one label")
+    negatives = None if negative is None else np.asarray(negative, dtype=np.int64).reshape(-1)
+    return np.asarray(classes, dtype=np.int64), negatives
+
+
+def repeat_rows(conds: np.ndarray, negatives: np.ndarray | None,
+                n: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Returns (cond, negative or None, rows): the K grid conditions each repeated n times,
+    the negatives (one for all, or one per condition) likewise, and K."""
+    rows = len(conds)
     if negatives is not None:
         if len(negatives) not in (1, rows):
             raise CfgExportError(f"--negative: got {len(negatives)} negative conditions, expected 1 or one per "

@@ -20,7 +20,7 @@ from .guidance import GuidanceOptions, guided_model
 from .manifest import ConditionKind, Layout, Manifest
 from .memory import check_rows_fit
 from .progress import Progress
-from .samplers import (Denoiser, Noise, Plan, SchedulerConfig, check_model, default_scheduler, plan_sampling,
+from .samplers import (Callback, Denoiser, Noise, Plan, SchedulerConfig, check_model, default_scheduler, plan_sampling,
                        resolve_scheduler, run_plan)
 from .samplers.config import CLASSES, SAMPLER_NAMES
 
@@ -160,6 +160,27 @@ def check_timesteps(plan: Plan, config: SchedulerConfig, manifest: Manifest) -> 
                          f"timesteps, or sample with other settings")
 
 
+def run_timed(plan: Plan, denoiser: Denoiser, x: np.ndarray, noise: Noise, step_seconds: list[float],
+              progress: Progress | None = None, callback: Callback | None = None, *,
+              eta: float | None = None) -> np.ndarray:
+    """Returns run_plan's final sample, appending the wall time of each model call (and
+    the host work after it) to step_seconds; reports progress and calls callback(i, t, x_t)
+    after each."""
+    last = time.perf_counter()
+
+    def on_step(i: int, t: float, x_t: np.ndarray) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        step_seconds.append(now - last)
+        last = now
+        if callback is not None:
+            callback(i, t, x_t)
+        if progress is not None:
+            progress(i + 1, len(plan))
+
+    return run_plan(plan, denoiser, x, noise, on_step, eta=eta)
+
+
 def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.ndarray, w: float | Sequence[float] = 0.0,
                   *, steps: int | None = None, sampler: str | None = None, spacing: str | None = None,
                   scheduler: dict | None = None, seed: int | None = None, noise: np.ndarray | None = None,
@@ -222,19 +243,8 @@ def sample_guided(artifact: "Artifact | str | Path", cond: Sequence[int] | np.nd
     with _runner(artifact, backend, backend_options) as runner:
         model = guided_model(runner, n, options, null_embedding, record)
         denoiser = Denoiser(model, cond, manifest.facts.prediction)
-        last = time.perf_counter()
-
-        def on_step(i: int, t: float, x_t: np.ndarray) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            result.step_seconds.append(now - last)
-            last = now
-            if callback is not None:
-                callback(i, t, x_t)
-            if progress is not None:
-                progress(i + 1, len(plan))
-
-        result.samples = run_plan(plan, denoiser, x, noise_source or rng, on_step, eta=eta)
+        result.samples = run_timed(plan, denoiser, x, noise_source or rng, result.step_seconds, progress, callback,
+                                   eta=eta)
         result.model_seconds = model.model_seconds
         result.rows = model.rows
         result.backend = runner.name

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,10 +22,10 @@ from .errors import CfgExportError
 from .files import check_output_file
 from .guidance import GuidanceOptions, guided_model
 from .images import IMAGE_FORMATS, save_grid, save_npy
-from .pipeline import DEFAULT_STEPS, check_seed, check_timesteps, scheduler_for
+from .pipeline import DEFAULT_STEPS, check_seed, check_timesteps, run_timed, scheduler_for
 from .progress import Progress
 from .prompts import StageBackends, stage_backend
-from .samplers import Denoiser, Noise, plan_sampling, run_plan
+from .samplers import Denoiser, Noise, plan_sampling
 
 log = logging.getLogger(__name__)
 
@@ -213,17 +212,7 @@ def sample_pipeline(artifact: "Artifact | str | Path", prompts: Sequence[str] | 
     with stage_backend(artifact, "denoiser", backend, backend_options) as runner:
         model = guided_model(runner, n, options, nulls=nulls)
         denoiser = Denoiser(model, conds, manifest.facts.prediction)
-        last = time.perf_counter()
-
-        def on_step(i: int, t: float, x_t: np.ndarray) -> None:
-            nonlocal last
-            now = time.perf_counter()
-            result.step_seconds.append(now - last)
-            last = now
-            if progress is not None:
-                progress(i + 1, len(plan))
-
-        result.latents = run_plan(plan, denoiser, x, noise_source or rng, on_step)
+        result.latents = run_timed(plan, denoiser, x, noise_source or rng, result.step_seconds, progress)
         result.stage_seconds["denoiser"] = model.model_seconds
         result.rows["denoiser"] = model.rows
         result.backend = runner.name
@@ -242,13 +231,8 @@ def save_images(images: np.ndarray, path: str | Path) -> Path:
     return save_grid(images.transpose(0, 3, 1, 2) * 2 - 1, rows=rows, path=path, min_cell=1)
 
 
-def sample_pipeline_files(artifact: "Artifact | str | Path", *, out: str | Path | None = None,
-                          npy: str | Path | None = None, latents: str | Path | None = None,
-                          **kwargs) -> PipelineResult:
-    """Returns sample_pipeline's result after writing what was asked: the images at `out`
-    (a grid for several; the format follows the extension), the decoded images
-    [N, H, W, 3] float32 in [0, 1] at `npy`, the final latents at `latents`. Output
-    paths are checked before any model runs; kwargs are sample_pipeline's."""
+def check_outputs(out, npy, latents) -> None:
+    """Refuses a run with nothing to write, or two outputs at one path, before any model runs."""
     if out is None and npy is None and latents is None:
         raise CfgExportError("nothing to write: give -o FILE.png, --npy FILE.npy and/or --latents FILE.npy")
     paths = [(out, "-o", tuple(IMAGE_FORMATS)), (npy, "--npy", (".npy",)), (latents, "--latents", (".npy",))]
@@ -258,6 +242,16 @@ def sample_pipeline_files(artifact: "Artifact | str | Path", *, out: str | Path 
     for path, flag, suffixes in paths:
         if path is not None:
             check_output_file(path, flag, suffixes)
+
+
+def sample_pipeline_files(artifact: "Artifact | str | Path", *, out: str | Path | None = None,
+                          npy: str | Path | None = None, latents: str | Path | None = None,
+                          **kwargs) -> PipelineResult:
+    """Returns sample_pipeline's result after writing what was asked: the images at `out`
+    (a grid for several; the format follows the extension), the decoded images
+    [N, H, W, 3] float32 in [0, 1] at `npy`, the final latents at `latents`. Output
+    paths are checked before any model runs; kwargs are sample_pipeline's."""
+    check_outputs(out, npy, latents)
     result = sample_pipeline(artifact, **kwargs)
     if out is not None:
         save_images(result.images, out)

@@ -118,13 +118,7 @@ def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | N
     num_classes = manifest.facts.condition.num_classes
     if num_classes is None:
         raise CfgExportError("eval needs a class-conditional model (condition kind 'class')")
-    classifier = Path(classifier or DEFAULT_CLASSIFIER)
-    reference = Path(reference or DEFAULT_REFERENCE)
-    for path, what, option in ((classifier, "classifier", "--classifier"),
-                               (reference, "reference statistics", "--reference")):
-        if not path.is_file():
-            raise CfgExportError(f"{what} {path}: no such file; pass {option} (the digits ones are in the "
-                                 f"repository's examples/digits/classifier/)")
+    classifier, reference = scoring_files(classifier, reference)
     stats = read_reference(reference)
     session, image_name = open_classifier(ort, classifier, manifest.facts.sample_shape, num_classes,
                                           stats["mean"].shape[0])
@@ -150,6 +144,19 @@ def evaluate_guidance(artifact: "Artifact | str | Path", ws: Sequence[float] | N
             log.info("w=%g %s: %s", w, strategy.name, row)
     compare_to_full(rows)
     return rows
+
+
+def scoring_files(classifier: str | Path | None, reference: str | Path | None) -> tuple[Path, Path]:
+    """Returns the paths of the classifier and the reference statistics (default: the
+    digits ones), checked to exist."""
+    classifier = Path(classifier or DEFAULT_CLASSIFIER)
+    reference = Path(reference or DEFAULT_REFERENCE)
+    for path, what, option in ((classifier, "classifier", "--classifier"),
+                               (reference, "reference statistics", "--reference")):
+        if not path.is_file():
+            raise CfgExportError(f"{what} {path}: no such file; pass {option} (the digits ones are in the "
+                                 f"repository's examples/digits/classifier/)")
+    return classifier, reference
 
 
 def read_reference(path: Path) -> dict:

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from cfg_export.calibration.report import QualityReport, measure_quality
-from cfg_export.evaluation.evaluate import DEFAULT_CLASSIFIER, DEFAULT_REFERENCE
+from cfg_export.evaluation.evaluate import DEFAULT_CLASSIFIER, read_reference, scoring_files
 from cfg_export.evaluation.stats import DEFAULT_RESAMPLES, Quality, score
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.progress import Progress
@@ -30,14 +30,8 @@ def make_scorer(classifier: str | Path | None = None, reference: str | Path | No
     (.npz with 'mean' [F] and 'cov' [F, F]); resamples: of the bootstrap intervals (default
     stats.DEFAULT_RESAMPLES)."""
     ort = require("onnxruntime", "onnxruntime")
-    classifier = Path(classifier or DEFAULT_CLASSIFIER)
-    reference = Path(reference or DEFAULT_REFERENCE)
-    for path, what, option in ((classifier, "classifier", "--classifier"),
-                               (reference, "reference statistics", "--reference")):
-        if not path.is_file():
-            raise CfgExportError(f"{what} {path}: no such file; pass {option} (the digits ones are in the "
-                                 f"repository's examples/digits/classifier/)")
-    stats = np.load(reference)
+    classifier, reference = scoring_files(classifier, reference)
+    stats = read_reference(reference)
     session = ort.InferenceSession(str(classifier), providers=["CPUExecutionProvider"])
     image = session.get_inputs()[0].name
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from cfg_export import __version__
 from cfg_export.export.loading import LoadedModel, load_model
 from cfg_export.export.memory import activation_bytes_per_row
+from cfg_export.export.stage_onnx import name_sizes
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import check_export_target, staged_dir
 from cfg_export.runtime.validation import expect_int
@@ -133,12 +134,7 @@ def _write_metadata(path: Path, manifest: Manifest) -> None:
     of the graph's inputs and outputs (the exporter leaves some sliced sizes unnamed)."""
     onnx = require("onnx", "export")
     model = onnx.load(str(path))
-    for value, spec in zip([*model.graph.input, *model.graph.output], manifest.inputs + manifest.outputs):
-        for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape):
-            if isinstance(size, str):
-                dim.dim_param = size
-            else:
-                dim.dim_value = size
+    name_sizes(model, manifest)
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(manifest.to_dict(with_sha=False), sort_keys=True)

@@ -70,7 +70,7 @@ def export_stage(module, manifest: Manifest, directory: Path, example: dict[str,
         model = onnx.load(str(raw))  # with its external data, if the exporter wrote any
         external = _weights_bytes(model) > threshold
         manifest = replace(manifest, data_file=DATA_FILE if external else None)
-        _name_sizes(model, manifest)
+        name_sizes(model, manifest)
         del model.metadata_props[:]
         entry = model.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(manifest.to_dict(with_sha=False), sort_keys=True)
@@ -89,7 +89,7 @@ def export_stage(module, manifest: Manifest, directory: Path, example: dict[str,
     return manifest
 
 
-def _name_sizes(model, manifest: Manifest) -> None:
+def name_sizes(model, manifest: Manifest) -> None:
     """Gives the graph's inputs and outputs the manifest's sizes (names for dynamic ones)."""
     for value, spec in zip([*model.graph.input, *model.graph.output], manifest.inputs + manifest.outputs):
         for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape):

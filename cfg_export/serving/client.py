@@ -17,9 +17,8 @@ import numpy as np
 
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import check_output_file
-from cfg_export.runtime.grid import DEFAULT_IMAGES_PER_CONDITION, expand_w, read_npy
+from cfg_export.runtime.grid import DEFAULT_IMAGES_PER_CONDITION, class_rows, expand_w, read_npy, repeat_rows
 from cfg_export.runtime.images import IMAGE_FORMATS, check_drawable, save_grid, save_npy
-from cfg_export.runtime.conditions import MAX_DEFAULT_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -158,26 +157,9 @@ def grid_conditions(parameters: dict, classes: Sequence[int] | None, cond, negat
             negatives = read_npy(negative, "--negative") if isinstance(negative, (str, Path)) else np.asarray(negative)
             negatives = negatives[None] if negatives.ndim == 2 else negatives
     else:
-        if cond is not None:
-            raise CfgExportError("--cond: this server's model takes class labels; use --classes")
-        if classes is None:
-            num_classes = int(condition.get("num_classes", 0))
-            if not 0 < num_classes <= MAX_DEFAULT_CLASSES:
-                raise CfgExportError(f"this model has {num_classes} classes: pick the grid rows with --classes, "
-                                     f"e.g. --classes 207,360,387")
-            classes = list(range(num_classes))
-        if len(classes) == 0:
-            raise CfgExportError("--classes: got no class, expected at least one label")
-        conds = np.asarray(classes, dtype=np.int64)
-        if negative is not None:
-            negatives = np.asarray(negative, dtype=np.int64).reshape(-1)
-    rows = len(conds)
-    if negatives is not None:
-        if len(negatives) not in (1, rows):
-            raise CfgExportError(f"--negative: got {len(negatives)} negative conditions, expected 1 or one per "
-                                 f"condition ({rows})")
-        negatives = np.repeat(np.broadcast_to(negatives, (rows, *negatives.shape[1:])), n, axis=0)
-    return np.repeat(conds, n, axis=0), negatives, rows
+        conds, negatives = class_rows(classes, cond, negative, int(condition.get("num_classes", 0)),
+                                      "this server's model")
+    return repeat_rows(conds, negatives, n)
 
 
 def request_samples(url: str, *, classes: Sequence[int] | None = None, cond=None, negative=None,

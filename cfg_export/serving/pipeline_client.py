@@ -15,29 +15,15 @@ from typing import Sequence
 import numpy as np
 
 from cfg_export.runtime.errors import CfgExportError
-from cfg_export.runtime.files import check_output_file
 from cfg_export.runtime.grid import read_npy
-from cfg_export.runtime.images import IMAGE_FORMATS, save_npy
-from cfg_export.runtime.pipeline_sampling import save_images
+from cfg_export.runtime.images import save_npy
+from cfg_export.runtime.pipeline_sampling import check_outputs, save_images
 
 from .client import RequestResult, SamplerClient
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("images", "latents", "warnings")
-
-
-def check_outputs(out, npy, latents) -> None:
-    """Refuses a request with nothing to write, or two outputs at one path, before anything is sent."""
-    if out is None and npy is None and latents is None:
-        raise CfgExportError("nothing to write: give -o FILE.png, --npy FILE.npy and/or --latents FILE.npy")
-    paths = [(out, "-o", tuple(IMAGE_FORMATS)), (npy, "--npy", (".npy",)), (latents, "--latents", (".npy",))]
-    given = [Path(p).resolve() for p, *_ in paths if p is not None]
-    if len(set(given)) != len(given):
-        raise CfgExportError("-o, --npy and --latents name the same file; give different paths")
-    for path, flag, suffixes in paths:
-        if path is not None:
-            check_output_file(path, flag, suffixes)
 
 
 def request_images(url: str, *, prompts: Sequence[str] | None = None, negative_prompts: Sequence[str] | None = None,
