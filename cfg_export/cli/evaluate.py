@@ -60,8 +60,8 @@ def eval_command(directory, ws, strategies, per_class, steps, sampler, seed, cla
     for r in rows:
         holds = {True: "yes", False: "no", None: "-"}[r.holds_quality]
         say(f"{r.w:>5g}  {r.strategy:<{width}} {r.rows_per_image:>8.1f} {_ratio(r.rows_ratio):>6} "
-            f"{r.seconds_per_image:>7.4f} {_ratio(r.seconds_ratio):>6}  {r.accuracy:<21.3f} "
-            f"{r.inception_score:<21.3f} {r.frechet_distance:<21.2f} {holds}")
+            f"{r.seconds_per_image:>7.4f} {_ratio(r.seconds_ratio):>6}  {format(r.accuracy, '.3f'):<21} "
+            f"{format(r.inception_score, '.3f'):<21} {format(r.frechet_distance, '.2f'):<21} {holds}")
     if json_path:
         say(f"wrote {write_json(rows_to_dicts(rows), json_path)}")
     if plot_path:

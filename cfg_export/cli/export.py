@@ -36,10 +36,14 @@ def onnx_command(model, out_dir, fuse_guidance, batch, opset, no_check, toleranc
     save_pretrained, or 'module:factory') to ONNX.
 
     \b
-    diffusers folders: UNet2DModel and DiTTransformer2DModel (class labels),
-    UNet2DConditionModel (embeddings [L, D], needs --null-embedding); a pipeline
-    folder with unet/ or transformer/; the scheduler/ folder beside the model gives
-    the training schedule and prediction type.
+    A diffusers pipeline folder (with model_index.json: StableDiffusionPipeline,
+    StableDiffusionXLPipeline, StableDiffusion3Pipeline, DiTPipeline) exports whole:
+    tokenizers, text encoders, the stacked denoiser and the VAE decoder, one stage
+    each; then `cfg-export sample OUT --prompt TEXT`.
+    A model folder alone: UNet2DModel and DiTTransformer2DModel (class labels),
+    UNet2DConditionModel (embeddings [L, D], needs --null-embedding),
+    SD3Transformer2DModel; the scheduler/ folder beside it gives the training
+    schedule and prediction type.
 
     \b
     Stacked layout (default): one graph computes the conditional and the null
