@@ -15,11 +15,33 @@ from tests.cfg_export.test_trt_fake import fake  # noqa: F401 (the fixture)
 from tests.cfg_export.pipelines.test_cli_and_errors import run_here
 
 
+def trtexec_lines(proc) -> list[str]:
+    """The trtexec lines of a successful `cfg-export trt --print-trtexec`."""
+    assert proc.returncode == 0, proc.output
+    return [line for line in proc.output.splitlines() if line.startswith("trtexec ")]
+
+
+def stage_of(line: str) -> str:
+    """The stage folder of one trtexec line's --onnx path."""
+    return line.split("--onnx=")[1].split("/model.onnx")[0].rsplit("/", 1)[1]
+
+
+def assert_engines_sample_like_onnxruntime(artifact, latent_channels: int) -> None:
+    """Two prompts with a negative, 2 steps at 12x16 pixels: the tensorrt backend (the
+    stand-in) gives ONNX Runtime's images."""
+    noise = np.random.default_rng(0).standard_normal((2, latent_channels, 6, 8)).astype(np.float32)
+    kwargs = dict(prompts=["a red car", "a cat"], negative_prompts=["blurry"], w=3.0, steps=2, noise=noise,
+                  height=12, width=16)
+    trt = sample_pipeline(artifact, backend="tensorrt", **kwargs)
+    ort = sample_pipeline(artifact, backend="onnxruntime-cpu", **kwargs)
+    assert trt.backend == "tensorrt"
+    np.testing.assert_allclose(trt.images, ort.images, atol=1e-6)
+
+
 def test_print_trtexec_one_line_per_stage(pipeline_artifacts):
     proc = run_here("trt", pipeline_artifacts["sdxl"], "--fp16", "--print-trtexec", "--max-batch", "4")
-    assert proc.returncode == 0, proc.output
-    lines = [line for line in proc.output.splitlines() if line.startswith("trtexec ")]
-    assert [line.split("--onnx=")[1].split("/model.onnx")[0].rsplit("/", 1)[1] for line in lines] == \
+    lines = trtexec_lines(proc)
+    assert [stage_of(line) for line in lines] == \
         ["text_encoder", "text_encoder_2", "denoiser", "vae_decoder"]
     text, _, denoiser, vae = lines
     assert "--minShapes=input_ids:2x16 " in text and "--maxShapes=input_ids:8x16 " in text
@@ -38,22 +60,15 @@ def test_engines_per_stage_sample_like_onnxruntime(pipeline_artifacts, fake, tmp
     assert vae["precision"] == "fp32" and vae["engine"]["profiles"][0]["rows"] == [1, 4, 4]
     denoiser = json.loads((artifact / "denoiser" / "engine.json").read_text())
     assert denoiser["engine"]["profiles"][0]["shapes"]["sample"] == [[2, 4, 4, 4], [8, 4, 8, 8], [8, 4, 16, 16]]
-    noise = np.random.default_rng(0).standard_normal((2, 4, 6, 8)).astype(np.float32)
-    kwargs = dict(prompts=["a red car", "a cat"], negative_prompts=["blurry"], w=3.0, steps=2, noise=noise,
-                  height=12, width=16)
-    trt = sample_pipeline(artifact, backend="tensorrt", **kwargs)
-    ort = sample_pipeline(artifact, backend="onnxruntime-cpu", **kwargs)
-    assert trt.backend == "tensorrt"
-    np.testing.assert_allclose(trt.images, ort.images, atol=1e-6)
+    assert_engines_sample_like_onnxruntime(artifact, latent_channels=4)
 
 
 def test_sd3_print_trtexec_five_stages(pipeline_artifacts):
     """SD3: three text encoders (T5 at 256 tokens, FP32 in an FP16 build), the transformer
     over the exported size range with its joint context, the VAE (force_upcast: FP32)."""
     proc = run_here("trt", pipeline_artifacts["sd3"], "--fp16", "--print-trtexec", "--max-batch", "4")
-    assert proc.returncode == 0, proc.output
-    lines = [line for line in proc.output.splitlines() if line.startswith("trtexec ")]
-    assert [line.split("--onnx=")[1].split("/model.onnx")[0].rsplit("/", 1)[1] for line in lines] == \
+    lines = trtexec_lines(proc)
+    assert [stage_of(line) for line in lines] == \
         ["text_encoder", "text_encoder_2", "text_encoder_3", "denoiser", "vae_decoder"]
     clip, _, t5, denoiser, vae = lines
     assert "--minShapes=input_ids:2x16 " in clip and "--fp16" in clip
@@ -74,10 +89,4 @@ def test_sd3_engines_per_stage_sample_like_onnxruntime(pipeline_artifacts, fake,
     assert t5["precision"] == "fp32" and t5["engine"]["profiles"][0]["rows"] == [2, 8, 8]
     denoiser = json.loads((artifact / "denoiser" / "engine.json").read_text())
     assert denoiser["precision"] == "fp16"
-    noise = np.random.default_rng(0).standard_normal((2, 16, 6, 8)).astype(np.float32)
-    kwargs = dict(prompts=["a red car", "a cat"], negative_prompts=["blurry"], w=3.0, steps=2, noise=noise,
-                  height=12, width=16)
-    trt = sample_pipeline(artifact, backend="tensorrt", **kwargs)
-    ort = sample_pipeline(artifact, backend="onnxruntime-cpu", **kwargs)
-    assert trt.backend == "tensorrt"
-    np.testing.assert_allclose(trt.images, ort.images, atol=1e-6)
+    assert_engines_sample_like_onnxruntime(artifact, latent_channels=16)
