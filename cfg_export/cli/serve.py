@@ -78,9 +78,9 @@ def triton_command(artifact, out, overwrite, **flags):
 
 @click.command("serve", cls=Command, context_settings=CONTEXT)
 @click.argument("artifact", metavar="DIR", type=click.Path())
-@click.option("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default 8000).")
-@click.option("--grpc-port", type=int, default=None, help="gRPC port on 127.0.0.1 (default 8001).")
-@click.option("--metrics-port", type=int, default=None, help="Prometheus metrics port on 127.0.0.1 (default 8002).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="HTTP port on 127.0.0.1 (default 8000).")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=None, help="gRPC port on 127.0.0.1 (default 8001).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None, help="Prometheus metrics port on 127.0.0.1 (default 8002).")
 @click.option("--repository", metavar="REPO", default=None, type=click.Path(),
               help="Write the repository here and keep it (default: a temporary folder).")
 @click.option("--overwrite", is_flag=True, help="Replace REPO if it exists.")
@@ -100,6 +100,16 @@ def serve_command(artifact, port, grpc_port, metrics_port, repository, overwrite
     import signal
 
     from cfg_export.serving.server import serve_artifact
+
+    from cfg_export.serving.server import DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORT
+
+    endpoints = [("--port", DEFAULT_PORT if port is None else port),
+                 ("--grpc-port", DEFAULT_GRPC_PORT if grpc_port is None else grpc_port),
+                 ("--metrics-port", DEFAULT_METRICS_PORT if metrics_port is None else metrics_port)]
+    ports = [value for _, value in endpoints]
+    if len(set(ports)) != len(ports):
+        raise CfgExportError(f"{', '.join(f'{flag} {value}' for flag, value in endpoints)}: two endpoints on one "
+                             f"port; give each its own")
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -134,3 +134,16 @@ def test_serve_on_a_busy_port_is_one_line(tiny_artifacts):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("Error: tritonserver exited at start (code 1): ")
     assert f"Socket '127.0.0.1:{port}' already in use" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--port", "99999"], "Error: Invalid value for '--port': 99999 is not in the range 1<=x<=65535."),
+    (["--port", "8001"], "Error: --port 8001, --grpc-port 8001, --metrics-port 8002: two endpoints on one port; "
+                         "give each its own"),
+    (["--port", "9000", "--metrics-port", "9000"], "Error: --port 9000, --grpc-port 8001, --metrics-port 9000: two "
+                                                   "endpoints on one port; give each its own"),
+])
+def test_serve_refuses_bad_ports_before_starting(tiny_artifacts, options, message):
+    proc = run_cli("serve", tiny_artifacts / "stacked", *options)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == message
