@@ -698,6 +698,50 @@ def cases() -> list[Case]:
     add(Case("eval", "json path is a folder", ["eval", "digits", "--json", "notes"], message="--json"))
     add(Case("eval", "seed -5", ["eval", "digits", "--seed", "-5", "--steps", "2", "--per-class", "2"],
              message="seed"))
+    # ---- guidance strategies ----
+    add(Case("sample", "strategy not understood", ["sample", "tiny", "--strategy", "fastest", "-o", "s1.png"],
+             message="not understood", outputs=["s1.png"]))
+    add(Case("sample", "adaptive threshold 2", ["sample", "tiny", "--strategy", "adaptive:2", "-o", "s2.png"],
+             message="cosine", outputs=["s2.png"]))
+    add(Case("sample", "cache every 0", ["sample", "tiny", "--strategy", "cache:0", "-o", "s3.png"],
+             message="k >= 1", outputs=["s3.png"]))
+    add(Case("sample", "cache window reversed", ["sample", "tiny", "--strategy", "cache:3@5..1", "-o", "s4.png"],
+             message="LO <= HI", outputs=["s4.png"]))
+    add(Case("sample", "strategy interval and --interval", ["sample", "tiny", "--strategy", "interval:0..5",
+                                                            "--interval", "1,2", "-o", "s5.png"],
+             message="give one of them", outputs=["s5.png"]))
+    add(Case("sample", "strategy on a fused graph", ["sample", "fused", "--strategy", "cache:3", "--steps", "2",
+                                                     "-o", "s6.png"], message="stacked layout", outputs=["s6.png"]))
+    add(Case("sample", "cached guidance that works", ["sample", "digits", "--strategy", "adaptive+cache:3", "--n", "1",
+                                                      "--steps", "4", "-o", "s7.png", "-q"],
+             expect=OK, check=exists("s7.png", PNG)))
+    add(Case("eval", "strategy given twice", ["eval", "digits", "--strategy", "full,full", "--steps", "2",
+                                              "--per-class", "2"], message="given twice"))
+    # ---- INT8 options ----
+    add(Case("quantize", "schedule interval reversed", ["quantize", "tiny", "--calib", "calib.npz", "-o", "q11",
+                                                        "--schedule", "500-100"], message="--schedule",
+             outputs=["q11"]))
+    add(Case("quantize", "smoothquant alpha 2", ["quantize", "tiny", "--calib", "calib.npz", "-o", "q12",
+                                                 "--smoothquant", "2"], outputs=["q12"]))
+    add(Case("quantize", "select budget negative", ["quantize", "tiny", "--calib", "calib.npz", "-o", "q13",
+                                                    "--select", "--budget", "-1"], outputs=["q13"]))
+    # ---- serving ----
+    add(Case("triton", "runs per sampler 0", ["triton", "tiny", "-o", "r1", "--runs-per-sampler", "0"],
+             message="runs-per-sampler", outputs=["r1"]))
+    add(Case("triton", "a static graph", ["triton", "static", "-o", "r2"], outputs=["r2"]))
+    add(Case("triton", "output over a user folder", ["triton", "tiny", "-o", "notes", "--overwrite"],
+             message="not a folder written by cfg-export"))
+    add(Case("triton", "unknown platform", ["triton", "tiny", "-o", "r3", "--platform", "magic"], outputs=["r3"]))
+    add(Case("triton", "a repository that works", ["triton", "sd", "-o", "r4", "-q"], expect=OK,
+             check=exists("r4/sampler/config.pbtxt")))
+    add(Case("serve", "port out of range", ["serve", "tiny", "--port", "99999"], message="--port"))
+    add(Case("serve", "two endpoints on one port", ["serve", "tiny", "--port", "8001"], message="one port"))
+    add(Case("request", "no server there", ["request", "127.0.0.1:9", "--classes", "1", "-o", "r5.png"],
+             message="cannot reach", outputs=["r5.png"]))
+    add(Case("request", "nothing to write", ["request", "127.0.0.1:9", "--prompt", "a cat"],
+             message="nothing to write"))
+    add(Case("request", "prompt and classes", ["request", "127.0.0.1:9", "--prompt", "a cat", "--classes", "1",
+                                               "-o", "r6.png"], outputs=["r6.png"]))
     return t
 
 
