@@ -711,7 +711,7 @@ def cases() -> list[Case]:
                                                             "--interval", "1,2", "-o", "s5.png"],
              message="give one of them", outputs=["s5.png"]))
     add(Case("sample", "strategy on a fused graph", ["sample", "fused", "--strategy", "cache:3", "--steps", "2",
-                                                     "-o", "s6.png"], message="stacked layout", outputs=["s6.png"]))
+                                                     "--npy", "s6.npy"], message="stacked layout", outputs=["s6.npy"]))
     add(Case("sample", "cached guidance that works", ["sample", "digits", "--strategy", "adaptive+cache:3", "--n", "1",
                                                       "--steps", "4", "-o", "s7.png", "-q"],
              expect=OK, check=exists("s7.png", PNG)))
