@@ -4,11 +4,15 @@ side by side in one process, on ONNX Runtime CPU.
     python benchmarks/guidance_strategies.py out/digits --n 16
     python benchmarks/guidance_strategies.py --tiny dit --n 8
     python benchmarks/guidance_strategies.py --tiny sd --n 8
+    python benchmarks/guidance_strategies.py --tiny sd-pipeline --n 8
 
 `--tiny dit|sd` builds the tiny random-weight diffusers models of tests/tiny_diffusers.py
 (a DiTTransformer2DModel, class labels; a UNet2DConditionModel, text-style embeddings
 [N, 5, 16] with a stand-in null embedding) and exports them with cfg-export (stacked
-layout, dynamic batch); the SD figure is that single denoiser, not a whole pipeline.
+layout, dynamic batch); the SD figure is that single denoiser. `--tiny sd-pipeline` exports
+the tiny Stable Diffusion pipeline of tests/tiny_pipelines.py (tokenizer, CLIP text
+encoder, UNet, VAE; prompts, its shipped PNDM scheduler) and times its denoising steps
+(the text encoder and VAE run once per image whatever the strategy).
 Random weights: the rows adaptive guidance saves there say how the row accounting and the
 shrinking batch behave, not what a trained model would save; quality is measured by
 `cfg-export eval` on the reference model only. Each strategy runs `--repeats` times,
@@ -18,6 +22,7 @@ median time is reported. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -29,8 +34,10 @@ from cfg_export.runtime.artifact import Artifact
 from cfg_export.runtime.backends import open_backend
 from cfg_export.runtime.guidance import GuidanceOptions
 from cfg_export.runtime.pipeline import sample_guided
+from cfg_export.runtime.pipeline_sampling import sample_pipeline
 from cfg_export.runtime.strategies import parse_strategy
 
+PROMPTS = ["a red car", "a photo of a cat", "the blue sky", "a green tree on the house"]
 DEFAULT_STRATEGIES = "full,adaptive,cache:2,cache:3,adaptive+cache:2,interval:0..5"
 
 
@@ -40,6 +47,13 @@ def tiny_artifact(kind: str, root: Path) -> tuple[Path, Path | None]:
     from cfg_export.export.exporter import export_onnx
     from tests import tiny_diffusers
 
+    if kind == "sd-pipeline":
+        from cfg_export.export.pipelines import export_pipeline
+        from tests import tiny_pipelines
+
+        tiny_pipelines.save_sd(root / "sd-pipeline")
+        export_pipeline(root / "sd-pipeline", root / "sd-pipeline-artifact")
+        return root / "sd-pipeline-artifact", None
     if kind == "dit":
         folder = tiny_diffusers.save_pipeline_folder(root / "dit", tiny_diffusers.dit(), "transformer")
         export_onnx(str(folder), root / "dit-artifact")
@@ -61,18 +75,34 @@ def conditions(artifact: Artifact, n: int) -> np.ndarray:
 
 def measure(artifact: Artifact, strategies: list[str], n: int, w: float, steps: int, repeats: int) -> list[dict]:
     """Returns per strategy: rows per image, median seconds per image, and both against full."""
-    cond = conditions(artifact, n)
+    cond = None if artifact.is_pipeline else conditions(artifact, n)
     plans = [parse_strategy(s) for s in strategies]
     times: dict[str, list[float]] = {p.name: [] for p in plans}
     rows: dict[str, float] = {}
-    with open_backend(artifact, "onnxruntime-cpu") as backend:
-        sample_guided(artifact, cond, w, steps=2, backend=backend)  # warm-up, untimed
+    with contextlib.ExitStack() as stack:
+        if artifact.is_pipeline:  # one open backend per stage, reused by every run
+            backend = {name: stack.enter_context(open_backend(artifact, "onnxruntime-cpu", stage=name))
+                       for name in artifact.pipeline["stages"] if not name.startswith("tokenizer")}
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+            def run(guidance, run_steps):
+                result = sample_pipeline(artifact, prompts, w=w, steps=run_steps, seed=0, backend=backend,
+                                         guidance=guidance)
+                return result.step_seconds, result.rows["denoiser"]
+        else:
+            backend = stack.enter_context(open_backend(artifact, "onnxruntime-cpu"))
+
+            def run(guidance, run_steps):
+                result = sample_guided(artifact, cond, w, steps=run_steps, seed=0, backend=backend,
+                                       guidance=guidance)
+                return result.step_seconds, result.rows
+
+        run(GuidanceOptions(), 2)  # warm-up, untimed
         for _ in range(repeats):
             for plan in plans:
-                result = sample_guided(artifact, cond, w, steps=steps, seed=0, backend=backend,
-                                       guidance=plan.apply(GuidanceOptions()))
-                times[plan.name].append(sum(result.step_seconds) / n)
-                rows[plan.name] = result.rows / n
+                step_seconds, model_rows = run(plan.apply(GuidanceOptions()), steps)
+                times[plan.name].append(sum(step_seconds) / n)
+                rows[plan.name] = model_rows / n
     full = "full" if "full" in rows else None
     table = []
     for plan in plans:
@@ -88,7 +118,8 @@ def measure(artifact: Artifact, strategies: list[str], n: int, w: float, steps: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", nargs="?", help="an artifact folder (or give --tiny)")
-    parser.add_argument("--tiny", choices=["dit", "sd"], help="build and export a tiny random diffusers model")
+    parser.add_argument("--tiny", choices=["dit", "sd", "sd-pipeline"],
+                        help="build and export a tiny random diffusers model (or the tiny SD pipeline)")
     parser.add_argument("--strategy", default=DEFAULT_STRATEGIES, help=f"default {DEFAULT_STRATEGIES}")
     parser.add_argument("--n", type=int, default=8, help="images")
     parser.add_argument("--w", type=float, default=3.0)
@@ -96,13 +127,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if (args.artifact is None) == (args.tiny is None):
-        parser.error("give an artifact folder or --tiny dit|sd")
+        parser.error("give an artifact folder or --tiny dit|sd|sd-pipeline")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.artifact) if args.artifact else tiny_artifact(args.tiny, Path(tmp))[0]
         artifact = Artifact.open(path)
         table = measure(artifact, args.strategy.split(","), args.n, args.w, args.steps, args.repeats)
     what = f"tiny random {args.tiny}" if args.tiny else str(path)
-    print(f"{what}: N={args.n}, w={args.w:g}, {args.steps} DDIM steps, ONNX Runtime CPU, median of {args.repeats} "
+    print(f"{what}: N={args.n}, w={args.w:g}, {args.steps} steps (DDIM; the pipeline: its own scheduler), ONNX Runtime CPU, median of {args.repeats} "
           f"interleaved runs")
     print(f"{'strategy':<28} {'rows/img':>8} {'ratio':>6} {'ms/img':>8} {'ratio':>6}")
     for e in table:

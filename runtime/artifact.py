@@ -142,6 +142,9 @@ class Artifact:
                                      f"cfg-export trt {self.directory}")
         else:
             chosen = s.onnx
+            if chosen is None and s.engine is None:
+                raise CfgExportError(f"{s.directory}: stage {stage!r} holds no model (neither an ONNX model nor a "
+                                     f"TensorRT engine)")
             if chosen is None:
                 raise CfgExportError(f"{s.directory} holds a TensorRT engine, not an ONNX model; use --backend "
                                      f"tensorrt, or point at the folder made by cfg-export onnx")
