@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 
 from cfg_export.calibration.quantize import DEFAULT_OP_TYPES, QuantizeOptions, quantize_model
-from cfg_export.calibration.sensitivity import Evaluator, evaluation_feeds, load_source
+from cfg_export.calibration.sensitivity import Evaluator, each_layer_alone, evaluation_feeds, load_source
 from cfg_export.runtime.artifact import Artifact
 from cfg_export.runtime.errors import CfgExportError, require
 
@@ -163,12 +163,8 @@ def select_layers(artifact: "Artifact | str | Path", calib: str | Path, options:
     candidates = []
     with tempfile.TemporaryDirectory(prefix="cfg-export-select.") as work:
         cache = Path(work) / "ranges.json"
-        for i, name in enumerate(names):
-            quantized = quantize_model(model, data, base, nodes_to_quantize=[name], cache=cache).model
-            x0, _ = evaluator.errors(quantized)
+        for name, x0, _ in each_layer_alone(model, data, base, names, evaluator, cache, progress, total):
             candidates.append(Candidate(name, by_name[name], times.get(name, 0.0), max(x0)))
-            if progress is not None:
-                progress(i + 1, total)
         candidates.sort(key=lambda c: c.ratio, reverse=True)
         selection = Selection(budget, evaluator.timesteps, candidates)
         queue = [c.node for c in candidates]

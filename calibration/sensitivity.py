@@ -14,7 +14,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -125,6 +125,20 @@ def load_source(artifact, calib, options: QuantizeOptions | None = None) -> tupl
     return model, source, data
 
 
+def each_layer_alone(model, data, options: QuantizeOptions, names: Sequence[str], evaluator: "Evaluator",
+                     cache: Path, progress: Callable[[int, int], None] | None = None,
+                     total: int | None = None) -> Iterator[tuple[str, list[float], list[float]]]:
+    """Yields (node, x0 errors, guided eps errors) of the model with only that node of
+    `names` quantized, one node after the other; `cache` holds the calibrated ranges
+    between them; progress(done, total or len(names)) after each."""
+    for i, name in enumerate(names):
+        quantized = quantize_model(model, data, options, nodes_to_quantize=[name], cache=cache).model
+        x0, guided = evaluator.errors(quantized)
+        yield name, x0, guided
+        if progress is not None:
+            progress(i + 1, total or len(names))
+
+
 def layer_sensitivity(artifact: "Artifact | str | Path", calib: str | Path, options: QuantizeOptions | None = None, *,
                       nodes: Sequence[str] | None = None, eval_steps: int | None = None,
                       progress: Callable[[int, int], None] | None = None) -> Sensitivity:
@@ -145,14 +159,8 @@ def layer_sensitivity(artifact: "Artifact | str | Path", calib: str | Path, opti
     if unknown:
         raise CfgExportError(f"no node named {unknown[0]!r}; node names look like {next(iter(by_name))!r}")
     evaluator = Evaluator(model, source, evaluation_feeds(data, eval_steps), float(data.manifest.w))
-    layers = []
     with tempfile.TemporaryDirectory(prefix="cfg-export-sensitivity.") as work:
-        cache = Path(work) / "ranges.json"
-        for i, name in enumerate(candidates):
-            quantized = quantize_model(model, data, options, nodes_to_quantize=[name], cache=cache).model
-            x0, guided = evaluator.errors(quantized)
-            layers.append(LayerError(name, by_name[name], x0, guided))
-            if progress is not None:
-                progress(i + 1, len(candidates))
+        layers = [LayerError(name, by_name[name], x0, guided) for name, x0, guided in
+                  each_layer_alone(model, data, options, candidates, evaluator, Path(work) / "ranges.json", progress)]
     layers.sort(key=lambda layer: layer.worst, reverse=True)
     return Sensitivity(evaluator.timesteps, layers)

@@ -187,6 +187,19 @@ def backend_options(threads, no_spinning, device, cuda_graph, trt_cache, trt_fp1
     return BackendOptions(**values) if any(v is not None for v in values.values()) else None
 
 
+def prompt_options(subject: str):
+    """Adds --prompt, --prompts and --negative-prompt, their help starting with `subject`."""
+    def add(f):
+        f = click.option("--negative-prompt", "negative_prompts", multiple=True, metavar="TEXT",
+                         help=f"{subject}: the negative prompt, one for all or one per prompt (repeatable); "
+                              f"default the pipeline's null (the empty prompt, or zeros for SDXL).")(f)
+        f = click.option("--prompts", "prompts_file", metavar="FILE.txt", default=None,
+                         help=f"{subject}: prompts, one per line (blank lines skipped).")(f)
+        return click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+                            help=f"{subject}: a prompt, one image each (repeatable).")(f)
+    return add
+
+
 def backend_flags(f):
     """Adds --backend and the options of each backend."""
     from .backends import BACKENDS
@@ -261,13 +274,7 @@ def backend_flags(f):
 @click.option("--guidance-rescale", type=float, default=None, metavar="PHI",
               help="Rescale the guided output towards the conditional one's standard deviation, phi in [0, 1], "
                    "e.g. 0.7 (Lin et al. 2024; diffusers' guidance_rescale).")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="Pipeline artifact: a prompt, one image each (repeatable).")
-@click.option("--prompts", "prompts_file", metavar="FILE.txt", default=None,
-              help="Pipeline artifact: prompts, one per line (blank lines skipped).")
-@click.option("--negative-prompt", "negative_prompts", multiple=True, metavar="TEXT",
-              help="Pipeline artifact: the negative prompt, one for all or one per prompt (repeatable); default "
-                   "the pipeline's null (the empty prompt, or zeros for SDXL).")
+@prompt_options("Pipeline artifact")
 @click.option("--height", type=int, default=None, help="Pipeline artifact: image height in pixels (default: "
               "the export's own size).")
 @click.option("--width", type=int, default=None, help="Pipeline artifact: image width in pixels.")

@@ -59,6 +59,9 @@ def trt_command(directory, out_dir, print_trtexec, trt_version, no_gpu_fallback,
     from cfg_export.runtime.artifact import Artifact
 
     artifact = Artifact.open(directory)
+    if trt_version is not None and not print_trtexec:
+        raise CfgExportError(f"--trt-version {trt_version}: applies to --print-trtexec; a build uses the "
+                             f"installed TensorRT")
     if artifact.is_pipeline:
         _pipeline_engines(artifact, out_dir, print_trtexec, trt_version, engine_options)
         return
@@ -70,9 +73,6 @@ def trt_command(directory, out_dir, print_trtexec, trt_version, no_gpu_fallback,
         click.echo(f"# TensorRT {result.plan.route.version}{assumed}: {result.plan.route.name}")
         click.echo(format_command(result.argv))
         return
-    if trt_version is not None:
-        raise CfgExportError(f"--trt-version {trt_version}: applies to --print-trtexec; a build uses the "
-                             f"installed TensorRT")
     result = build_engine(directory, out_dir, engine_options)
     for note in result.notes:
         say(f"note: {note}")
@@ -99,9 +99,6 @@ def _pipeline_engines(artifact, out_dir, print_trtexec, trt_version, engine_opti
             click.echo(f"# {stage}: TensorRT {result.plan.route.version}: {result.plan.route.name}")
             click.echo(format_command(result.argv))
         return
-    if trt_version is not None:
-        raise CfgExportError(f"--trt-version {trt_version}: applies to --print-trtexec; a build uses the "
-                             f"installed TensorRT")
     for result in build_pipeline_engines(artifact, engine_options):
         for note in result.notes:
             say(f"note: {note}")

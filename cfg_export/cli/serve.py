@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from cfg_export.runtime.cli import CONTEXT, Command, parse_list, say, verbosity_options
+from cfg_export.runtime.cli import CONTEXT, Command, parse_list, prompt_options, say, verbosity_options
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.serving.options import PLATFORMS
 
@@ -131,13 +131,7 @@ def serve_command(artifact, port, grpc_port, metrics_port, repository, overwrite
 
 @click.command("request", cls=Command, context_settings=CONTEXT)
 @click.argument("url", metavar="URL")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
-              help="Pipeline server: a prompt, one image each (repeatable).")
-@click.option("--prompts", "prompts_file", metavar="FILE.txt", default=None,
-              help="Pipeline server: prompts, one per line (blank lines skipped).")
-@click.option("--negative-prompt", "negative_prompts", multiple=True, metavar="TEXT",
-              help="Pipeline server: the negative prompt, one for all or one per prompt (repeatable); default the "
-                   "pipeline's null.")
+@prompt_options("Pipeline server")
 @click.option("--classes", default=None, metavar="0,1,...",
               help="Class labels, one grid row each (default: every class of the model); a DiT pipeline server "
                    "also takes class names, one image each.")

@@ -12,7 +12,7 @@ from pathlib import Path
 from cfg_export import __version__
 from cfg_export.export.loading import LoadedModel, load_model
 from cfg_export.export.memory import activation_bytes_per_row
-from cfg_export.export.stage_onnx import name_sizes
+from cfg_export.export.stage_onnx import checked_session, name_sizes
 from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import check_export_target, staged_dir
 from cfg_export.runtime.validation import expect_int
@@ -157,15 +157,9 @@ def check_export(wrapper, manifest: Manifest, path: Path, batches=CHECK_BATCHES)
     """Returns the errors of ONNX Runtime (CPU) against PyTorch on random inputs at each
     batch size, after onnx.checker has passed."""
     torch = require("torch", "export")
-    onnx = require("onnx", "export")
-    ort = require("onnxruntime", "onnxruntime")
     import numpy as np
 
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise CfgExportError(f"onnx.checker rejects the exported model: {str(exc).splitlines()[0]}") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = checked_session(path, "the exported model")
     results = []
     for batch in ([manifest.batch] if manifest.batch is not None else batches):
         feeds = example_inputs(manifest, batch, seed=batch)

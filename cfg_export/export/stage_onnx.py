@@ -99,19 +99,24 @@ def name_sizes(model, manifest: Manifest) -> None:
                 dim.dim_value = size
 
 
+def checked_session(path: Path, what: str):
+    """Returns an ONNX Runtime CPU session of the written model at `path`, after
+    onnx.checker has passed on it (its refusal names `what`)."""
+    onnx = require("onnx", "export")
+    ort = require("onnxruntime", "onnxruntime")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CfgExportError(f"onnx.checker rejects {what}: {str(exc).splitlines()[0]}") from None
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
 def check_stage(module, manifest: Manifest, directory: Path, feeds: list[tuple[str, dict[str, np.ndarray]]],
                 stage: str) -> list[StageCheck]:
     """Returns ONNX Runtime's (CPU) errors against PyTorch for each (label, feeds), after
     onnx.checker has passed on the written model."""
     torch = require("torch", "export")
-    onnx = require("onnx", "export")
-    ort = require("onnxruntime", "onnxruntime")
-    path = directory / manifest.model_file
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise CfgExportError(f"onnx.checker rejects the {stage} model: {str(exc).splitlines()[0]}") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = checked_session(directory / manifest.model_file, f"the {stage} model")
     checks = []
     for label, feed in feeds:
         got = session.run(None, feed)
