@@ -264,7 +264,8 @@ def attention_models(args) -> None:
             if key == "sd":
                 np.save(root / "null.npy", np.zeros((8, 32), np.float32))
                 extra["null_embedding"] = root / "null.npy"
-            export_onnx(str(folder), art, overwrite=True, **extra)
+            # weights N(0, 0.2) make activations large: float32 rounding alone reaches ~1e-4 relative
+            export_onnx(str(folder), art, overwrite=True, tolerance=1e-3, **extra)
         calib = root / f"{key}-calib.npz"
         if not calib.is_file():
             record_calibration(art, calib, cond=calib_cond, w=W, steps=50)

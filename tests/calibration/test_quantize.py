@@ -152,3 +152,31 @@ def test_each_method_gives_a_runnable_artifact(tiny_artifacts, tiny_calib, tmp_p
     assert result.manifest.producer["quantization"]["method"] == method
     out = sample_guided(tmp_path / method, [0, 1, 2], 2.0, steps=4, seed=1)
     assert np.all(np.isfinite(out.samples))
+
+
+def test_cpu_sessions_of_int8_artifacts_skip_the_nhwc_transformer(digits_artifact, digits_int8, sessions, monkeypatch):
+    """The runtime opens Q/DQ models on the CPU without ONNX Runtime's NhwcTransformer
+    (faster for this package's graphs, README INT8) and FP32 models with every
+    optimizer; the INT8 outputs equal those of a session with the transformer."""
+    from cfg_export.runtime.backends import open_backend
+
+    seen = {}
+    real = ort.InferenceSession
+
+    def recording(path, *args, **kwargs):
+        seen[path] = kwargs.get("disabled_optimizers")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((4, 1, 16, 16)).astype(np.float32),
+             "timestep": np.array([900, 900, 300, 300]), "cond": np.array([1, 10, 2, 10])}
+    outputs = {}
+    for directory in (digits_artifact, digits_int8.directory):
+        with open_backend(directory, "onnxruntime-cpu") as backend:
+            outputs[directory] = backend.infer(dict(feeds))["eps"]
+    assert seen[str(digits_int8.directory / "model.onnx")] == ["NhwcTransformer"]
+    assert not seen[str(digits_artifact / "model.onnx")]
+    want = sessions[1].run(["eps"], feeds)[0]  # a session with every optimizer
+    got = outputs[digits_int8.directory]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
