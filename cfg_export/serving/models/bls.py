@@ -14,9 +14,11 @@ dynamic batchers then merge the calls of the different sampler processes.
 Copied beside the sampler's model.py; it imports only numpy, Triton's
 triton_python_backend_utils and the runtime copied beside it.
 """
+import collections
 import json
 import logging
 import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -74,13 +76,19 @@ class _Call:
         self.rows = len(next(iter(feeds.values())))
         self.key = (model.model_name, tuple((name, v.shape[1:], v.dtype.str) for name, v in feeds.items()))
         self.done = threading.Event()
+        self.thread = threading.get_ident()  # the run's thread
         self.outputs = self.error = None
 
 
 class RowMerger:
     """Merges the model calls of the runs in flight in this process (see the module
     docstring). merge False: every call goes alone. max_rows: the largest batch, in rows,
-    each model takes (its max_batch_size); a merged call never exceeds it."""
+    each model takes (its max_batch_size); a merged call never exceeds it.
+
+    With merging, the runs whose outputs came back go on one at a time: the first is
+    woken with the baton, and each passes it to the next when it makes its next call or
+    ends. Their Python work between two model calls is serial under the GIL anyway; woken
+    all at once they fought for it (README, serving)."""
 
     def __init__(self, merge, max_rows):
         self.merge = merge
@@ -88,6 +96,8 @@ class RowMerger:
         self.lock = threading.Lock()
         self.active = 0  # runs in flight
         self.waiting = []  # their calls not sent yet
+        self.ready = collections.deque()  # calls answered, their runs not woken yet
+        self.holder = None  # the thread of the woken run at work (until its next call or its end)
 
     def start_run(self):
         with self.lock:
@@ -97,6 +107,7 @@ class RowMerger:
         with self.lock:
             self.active -= 1
             ready = self._take()
+            self._release()
         self._send(ready)
 
     def _take(self):
@@ -106,6 +117,20 @@ class RowMerger:
             return ready
         return []
 
+    def _release(self):
+        """The calling run stops working: if it held the baton, the next answered run wakes
+        (under the lock)."""
+        if self.holder == threading.get_ident():
+            self.holder = None
+            self._wake()
+
+    def _wake(self):
+        """Wakes the next answered run, if any, with the baton (under the lock; none held)."""
+        if self.ready:
+            call = self.ready.popleft()
+            self.holder = call.thread
+            call.done.set()
+
     def call(self, model, feeds):
         """Returns this run's outputs of one model call, sent with other runs' calls when merging."""
         if not self.merge:
@@ -114,11 +139,19 @@ class RowMerger:
         with self.lock:
             self.waiting.append(call)
             ready = self._take()
+            self._release()
         self._send(ready)
         call.done.wait()
         if call.error is not None:
             raise call.error
         return call.outputs
+
+    def _answered(self, batch):
+        """The calls of a batch are answered: their runs wake in turn."""
+        with self.lock:
+            self.ready.extend(batch)
+            if self.holder is None:
+                self._wake()
 
     def _send(self, calls):
         """Sends the calls: one BLS request per model and row shape (split at the model's
@@ -142,8 +175,7 @@ class RowMerger:
         if batches:
             self._send_batch(batches[0])
 
-    @staticmethod
-    def _send_batch(batch):
+    def _send_batch(self, batch):
         try:
             if len(batch) == 1:
                 parts = [batch[0].model.send(batch[0].feeds)]
@@ -158,8 +190,7 @@ class RowMerger:
         except Exception as exc:  # every run of the batch sees the failure
             for call in batch:
                 call.error = exc
-        for call in batch:
-            call.done.set()
+        self._answered(batch)
 
 
 class RunPool:
@@ -246,9 +277,20 @@ def read_json(request, name):
     return value
 
 
-def cancel_check(request):
-    """A progress(done, total) callback that stops the run once the client has gone away."""
+CANCEL_CHECK_S = 0.1  # how often a run asks the server whether its client has gone away
+
+
+def cancel_check(request, every=CANCEL_CHECK_S):
+    """A progress(done, total) callback that stops the run once the client has gone away.
+    It asks the server at most every `every` seconds (is_cancelled() is a round trip to
+    Triton's core; a run's steps take milliseconds)."""
+    last = [time.monotonic()]
+
     def check(done, total):
+        now = time.monotonic()
+        if now - last[0] < every:
+            return
+        last[0] = now
         if request.is_cancelled():
             raise Cancelled()
     return check

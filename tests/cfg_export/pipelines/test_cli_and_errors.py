@@ -63,6 +63,24 @@ def test_noise_file_gives_the_same_latents_as_the_library(pipeline_artifacts, tm
     np.testing.assert_array_equal(np.load(tmp_path / "latents.npy"), ours)
 
 
+def test_an_open_artifact_reads_its_tokenizers_once(pipeline_artifacts, monkeypatch):
+    """A server's sampler keeps one Artifact for every request: tokenizer.json is parsed
+    for the first, and the second gives the same latents with the same tokenizer."""
+    import tokenizers
+
+    from cfg_export.runtime.artifact import Artifact
+
+    reads = []
+    real = tokenizers.Tokenizer.from_file
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_file", lambda path: (reads.append(path), real(path))[1])
+    artifact = Artifact.open(pipeline_artifacts["sd"])
+    noise = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    first = sample_pipeline(artifact, ["a dog"], w=3.0, steps=2, noise=noise).latents
+    second = sample_pipeline(artifact, ["a dog"], w=3.0, steps=2, noise=noise).latents
+    assert len(reads) == 1, reads
+    np.testing.assert_array_equal(first, second)
+
+
 def test_dit_classes_by_name_and_index(pipeline_artifacts):
     by_name = sample_pipeline(pipeline_artifacts["dit"], classes=["great white shark", "tench"], steps=2, w=1.0)
     by_index = sample_pipeline(pipeline_artifacts["dit"], classes=[2, 0], steps=2, w=1.0)
