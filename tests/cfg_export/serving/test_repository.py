@@ -103,7 +103,7 @@ def test_tensorrt_plan_config_takes_the_engine_profiles(tiny_artifacts, tmp_path
         write_repository(artifact, tmp_path / "repo2", RepositoryOptions(platform="tensorrt_plan", max_rows=32))
 
 
-MODEL_IMPORTS = {"json", "logging", "os", "sys", "threading", "numpy", "triton_python_backend_utils", "runtime", "bls"}
+MODEL_IMPORTS = {"json", "logging", "os", "sys", "threading", "time", "collections", "numpy", "triton_python_backend_utils", "runtime", "bls"}
 
 
 def check_model_imports(repository, names, tmp_path):
