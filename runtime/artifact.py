@@ -205,6 +205,17 @@ class Artifact:
         return s._cache["null_embedding"]
 
 
+    def prompt_tokenizer(self, stage: str):
+        """Returns the tokenizer stage's PromptTokenizer (its tokenizer.json parsed once per
+        open Artifact: a server's sampler keeps one Artifact for every request)."""
+        s = self.stage(stage)
+        if "tokenizer" not in s._cache:
+            from .prompts import PromptTokenizer
+
+            s._cache["tokenizer"] = PromptTokenizer(self, stage)
+        return s._cache["tokenizer"]
+
+
 def _read_stage(name: str, directory: Path) -> Stage:
     """Reads the manifests of one stage folder: manifest.json (ONNX) and engine.json (engine)."""
     stage = Stage(name, directory)

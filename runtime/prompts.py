@@ -44,15 +44,6 @@ class Tokens:
     truncated: list[str] = field(default_factory=list)  # one warning per prompt that lost words
 
 
-def prompt_tokenizer(artifact: Artifact, stage: str) -> "PromptTokenizer":
-    """The tokenizer stage of the artifact, read once per open Artifact (a server's sampler
-    keeps one Artifact: parsing tokenizer.json per request took a tenth of its CPU time)."""
-    cache = artifact.stage(stage)._cache
-    if "tokenizer" not in cache:
-        cache["tokenizer"] = PromptTokenizer(artifact, stage)
-    return cache["tokenizer"]
-
-
 class PromptTokenizer:
     """A tokenizer stage of a pipeline artifact: tokenizer.json + its facts (max_length,
     pad id), padding and truncating like transformers' tokenizer(..., padding="max_length",
@@ -164,7 +155,7 @@ def encode_prompts(artifact: Artifact, prompts: list[str], negatives: list[str] 
     result = PromptConditions({}, {})
     clip, t5, pooled = [], [], []
     for entry in encoders:
-        tokenizer = prompt_tokenizer(artifact, entry["tokenizer"])
+        tokenizer = artifact.prompt_tokenizer(entry["tokenizer"])
         tokens = tokenizer(texts)
         result.warnings += tokens.truncated
         out, seconds, family = _encode(artifact, entry["stage"], tokens.ids, backend, options)

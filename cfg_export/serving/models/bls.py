@@ -284,13 +284,14 @@ def cancel_check(request, every=CANCEL_CHECK_S):
     """A progress(done, total) callback that stops the run once the client has gone away.
     It asks the server at most every `every` seconds (is_cancelled() is a round trip to
     Triton's core; a run's steps take milliseconds)."""
-    last = [time.monotonic()]
+    last = time.monotonic()
 
     def check(done, total):
+        nonlocal last
         now = time.monotonic()
-        if now - last[0] < every:
+        if now - last < every:
             return
-        last[0] = now
+        last = now
         if request.is_cancelled():
             raise Cancelled()
     return check
