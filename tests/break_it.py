@@ -740,8 +740,12 @@ def cases() -> list[Case]:
              message="cannot reach", outputs=["r5.png"]))
     add(Case("request", "nothing to write", ["request", "127.0.0.1:9", "--prompt", "a cat"],
              message="nothing to write"))
+    add(Case("request", "a malformed URL", ["request", "nonsense:url::", "--classes", "1", "-o", "r7.png"],
+             message="HOST:PORT", outputs=["r7.png"]))
+    add(Case("request", "an https URL", ["request", "https://127.0.0.1:9", "--classes", "1", "-o", "r8.png"],
+             message="plain HTTP", outputs=["r8.png"]))
     add(Case("request", "prompt and classes", ["request", "127.0.0.1:9", "--prompt", "a cat", "--classes", "1",
-                                               "-o", "r6.png"], outputs=["r6.png"]))
+                                               "-o", "r6.png"], message="one kind of condition", outputs=["r6.png"]))
     return t
 
 

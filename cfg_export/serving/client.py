@@ -52,11 +52,28 @@ def _server_error(url: str, exc: Exception) -> CfgExportError:
     return CfgExportError(f"{url}: {message}")
 
 
+def server_address(url: str) -> str:
+    """Returns HOST:PORT of a server's HTTP endpoint given as HOST:PORT or http://HOST:PORT[/];
+    raises CfgExportError naming the form expected (tritonclient's own refusals of a malformed
+    URL are not one line)."""
+    address = url.strip().removeprefix("http://").rstrip("/")
+    host, colon, port = address.rpartition(":")
+    ipv6 = host.startswith("[") and host.endswith("]") and len(host) > 2
+    plain = host and not any(c in host for c in ":/@?# ")
+    if url.strip().startswith("https://"):
+        raise CfgExportError(f"URL: got {url!r}; cfg-export request speaks plain HTTP (as cfg-export serve "
+                             f"listens): give HOST:PORT, e.g. 127.0.0.1:8000")
+    if not colon or not (plain or ipv6) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise CfgExportError(f"URL: got {url!r}, expected HOST:PORT of a Triton server's HTTP endpoint "
+                             f"(port 1-65535), e.g. 127.0.0.1:8000 as cfg-export serve prints it")
+    return address
+
+
 class SamplerClient:
     """An HTTP connection to the sampler model of a server at `url` (host:port)."""
 
     def __init__(self, url: str, timeout: float | None = None, model: str = MODEL):
-        self.url = url.removeprefix("http://").rstrip("/")
+        self.url = server_address(url)
         self.model = model
         timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
         http = _http()
@@ -227,6 +244,11 @@ def send_request(url: str, *, timeout: float | None = None, **options) -> Reques
     if all(options.get(name) is None for name in ("out", "npy", "latents")):
         raise CfgExportError("nothing to write: give -o FILE.png and/or --npy FILE.npy (from a pipeline server also "
                              "--latents FILE.npy)")
+    conditions = [flag for name, flag in (("prompts", "--prompt"), ("classes", "--classes"), ("cond", "--cond"))
+                  if options.get(name) is not None]
+    if len(conditions) > 1:  # no server takes two kinds of condition: refused before connecting
+        raise CfgExportError(f"{' and '.join(conditions)}: give one kind of condition (--prompt for a text "
+                             f"pipeline, --classes or --cond otherwise)")
     with SamplerClient(url, timeout) as client:
         pipeline = client.parameters().get("kind") == "pipeline"
     given = {name: value for name, value in options.items() if value is not None}

@@ -42,6 +42,32 @@ def test_request_names_an_unreachable_server(tmp_path):
     assert proc.stderr.rstrip().endswith("start one with: cfg-export serve ARTIFACT")
 
 
+@pytest.mark.parametrize("url, message", [
+    ("nonsense:url::", "expected HOST:PORT"),  # tritonclient's refusal came with a traceback from its __del__
+    ("localhost", "expected HOST:PORT"),
+    ("127.0.0.1:70000", "port 1-65535"),
+    ("https://127.0.0.1:8000", "plain HTTP"),
+])
+def test_request_refuses_a_malformed_url_in_one_line(tmp_path, url, message):
+    proc = run_cli("request", url, "--classes", "1", "-o", tmp_path / "x.png")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_request_refuses_two_kinds_of_condition_before_connecting(tmp_path):
+    proc = run_cli("request", "127.0.0.1:9", "--prompt", "a cat", "--classes", "1", "-o", tmp_path / "x.png")
+    assert proc.returncode == 1 and "--prompt and --classes: give one kind of condition" in proc.stderr
+
+
+def test_server_address_takes_what_serve_prints():
+    from cfg_export.serving.client import server_address
+
+    assert server_address("127.0.0.1:8000") == "127.0.0.1:8000"
+    assert server_address("http://127.0.0.1:8000/") == "127.0.0.1:8000"
+    assert server_address("[::1]:8000") == "[::1]:8000"
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is `pid` (Linux /proc)."""
     found = []
