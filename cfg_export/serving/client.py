@@ -76,6 +76,8 @@ class SamplerClient:
         self.url = server_address(url)
         self.model = model
         timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        if not np.isfinite(timeout) or timeout <= 0:
+            raise CfgExportError(f"--timeout: got {timeout:g}, expected seconds > 0")
         http = _http()
         try:
             self.client = http.InferenceServerClient(self.url, connection_timeout=min(timeout, 60.0),
@@ -249,6 +251,11 @@ def send_request(url: str, *, timeout: float | None = None, **options) -> Reques
     if len(conditions) > 1:  # no server takes two kinds of condition: refused before connecting
         raise CfgExportError(f"{' and '.join(conditions)}: give one kind of condition (--prompt for a text "
                              f"pipeline, --classes or --cond otherwise)")
+    if options.get("out") is not None:  # every output path checked before the request is sent
+        check_output_file(options["out"], "-o", tuple(IMAGE_FORMATS))
+    for name, flag in (("npy", "--npy"), ("latents", "--latents")):
+        if options.get(name) is not None:
+            check_output_file(options[name], flag, (".npy",))
     with SamplerClient(url, timeout) as client:
         pipeline = client.parameters().get("kind") == "pipeline"
     given = {name: value for name, value in options.items() if value is not None}

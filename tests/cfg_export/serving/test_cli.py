@@ -55,9 +55,17 @@ def test_request_refuses_a_malformed_url_in_one_line(tmp_path, url, message):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_request_refuses_two_kinds_of_condition_before_connecting(tmp_path):
-    proc = run_cli("request", "127.0.0.1:9", "--prompt", "a cat", "--classes", "1", "-o", tmp_path / "x.png")
-    assert proc.returncode == 1 and "--prompt and --classes: give one kind of condition" in proc.stderr
+@pytest.mark.parametrize("options, message", [
+    (["--prompt", "a cat", "--classes", "1", "-o", "x.png"], "--prompt and --classes: give one kind of condition"),
+    (["--classes", "1", "-o", "x.txt"], "-o x.txt: expected a file name ending in .png"),
+    (["--prompt", "a cat", "--latents", "l.txt"], "--latents l.txt: expected a file name ending in .npy"),
+    (["--classes", "1", "-o", "x.png", "--timeout", "-1"], "--timeout: got -1, expected seconds > 0"),
+])
+def test_request_refuses_bad_options_before_connecting(tmp_path, options, message):
+    # port 9 has no server: these must be refused before the client tries to connect
+    proc = run_cli("request", "127.0.0.1:9", *options, cwd=tmp_path)
+    assert proc.returncode == 1 and message in proc.stderr and "cannot reach" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_server_address_takes_what_serve_prints():
