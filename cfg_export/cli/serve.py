@@ -201,4 +201,4 @@ def request_command(url, prompts, prompts_file, negative_prompts, classes, cond,
         warn(message)
     for path, what in result.written:
         say(f"wrote {path} ({what})")
-    say(f"{len(result.samples)} images in {result.seconds:.2f} s")
+    say(f"{len(result.samples)} image{'s' * (len(result.samples) != 1)} in {result.seconds:.2f} s")

@@ -216,6 +216,11 @@ def request_samples(url: str, *, classes: Sequence[int] | None = None, cond=None
         if out is not None:
             check_drawable(tuple(json.loads(parameters.get("sample_shape", "[]"))))
         conds, negatives, rows = grid_conditions(parameters, classes, cond, negative, n)
+        if noise is not None:  # checked here: Triton's own refusal of the shape names its model, not the option
+            shape = [len(conds), *json.loads(parameters.get("sample_shape", "[]"))]
+            if list(np.shape(noise)) != shape:
+                raise CfgExportError(f"--noise: got shape {list(np.shape(noise))}, expected {shape} (N images x "
+                                     f"sample shape)")
         start = time.perf_counter()
         samples = client.sample(conds, None if w is None else expand_w(w, rows, n), negative=negatives, steps=steps,
                                 sampler=sampler, spacing=spacing, eta=eta, seed=seed, w_schedule=w_schedule,
@@ -224,7 +229,7 @@ def request_samples(url: str, *, classes: Sequence[int] | None = None, cond=None
         result = RequestResult(samples, rows, time.perf_counter() - start)
     if out is not None:
         save_grid(samples, rows=rows, path=out)
-        result.written.append((Path(out), f"{len(conds)} images, one row per condition"))
+        result.written.append((Path(out), f"{len(conds)} image{'s' * (len(conds) != 1)}, one row per condition"))
     if npy is not None:
         save_npy(samples, npy)
         result.written.append((Path(npy), f"{list(samples.shape)} float32"))

@@ -43,6 +43,8 @@ def request_images(url: str, *, prompts: Sequence[str] | None = None, negative_p
     check_outputs(out, npy, latents)
     if isinstance(noise, (str, Path)):
         noise = read_npy(noise, "--noise")
+    if noise is not None and np.ndim(noise) != 4:  # its size is the server's to check (it knows the image size)
+        raise CfgExportError(f"--noise: got shape {list(np.shape(noise))}, expected latents [N, C, h, w]")
     with SamplerClient(url, timeout) as client:
         parameters = client.parameters()
         if parameters.get("kind") != "pipeline":
@@ -74,7 +76,7 @@ def request_images(url: str, *, prompts: Sequence[str] | None = None, negative_p
     result = RequestResult(images, len(images), seconds, latents=outputs["latents"], warnings=warnings)
     if out is not None:
         save_images(images, out)
-        result.written.append((Path(out), f"{len(images)} images {images.shape[1]}x{images.shape[2]}"))
+        result.written.append((Path(out), f"{len(images)} image{'s' * (len(images) != 1)} {images.shape[1]}x{images.shape[2]}"))
     if npy is not None:
         save_npy(images, npy)
         result.written.append((Path(npy), f"images {list(images.shape)} float32 in [0, 1]"))

@@ -102,6 +102,8 @@ def test_client_checks_before_sending(server, tmp_path):
         request_samples(server.url, classes=[1], negative=[0, 1], npy=tmp_path / "x.npy")
     with pytest.raises(CfgExportError, match="nothing to write: give -o FILE.png and/or --npy FILE.npy"):
         request_samples(server.url, classes=[1])
+    with pytest.raises(CfgExportError, match=r"--noise: got shape \[3, 3\], expected \[2, "):
+        request_samples(server.url, classes=[1], n=2, noise=np.zeros((3, 3), np.float32), npy=tmp_path / "x.npy")
     assert not (tmp_path / "x.npy").exists()
 
 
