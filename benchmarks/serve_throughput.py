@@ -126,12 +126,18 @@ def artifact_kind(artifact: Artifact) -> dict:
 def tiny_sd(folder: Path) -> Path:
     """The tiny Stable Diffusion pipeline of tests/tiny_pipelines.py, exported at folder/artifact."""
     import sys
+    import warnings
 
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # their notes would bury the table
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from cfg_export.export.pipelines import export_pipeline
     from tests import tiny_pipelines
 
-    export_pipeline(tiny_pipelines.save_sd(folder / "diffusers"), folder / "artifact")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_pipeline(tiny_pipelines.save_sd(folder / "diffusers"), folder / "artifact")
     return folder / "artifact"
 
 
