@@ -15,7 +15,9 @@ the last returns) for --requests requests each. A request asks for --n images of
 chosen per request, at w=3, a seed of its own; for a pipeline artifact, of a prompt at
 w=6.5 (or of a class, for DiT): text encoders, denoiser steps and the VAE decoder, all
 served. --tiny-sd exports the tiny Stable Diffusion pipeline of tests/tiny_pipelines.py
-(needs torch, diffusers, transformers) and runs on it.
+(needs torch, diffusers, transformers) and runs on it. --compare-spinning adds, for each
+layout, the same two servers with ONNX Runtime's thread spinning off in every model (the
+writer's default spins the denoiser's threads only).
 Each client count runs --rounds rounds in which the servers take turns, in reversed order
 every other round (a busy shared machine drifts); prints the median images/s, p50/p99
 latency over all rounds' requests, denoiser rows per execution, denoiser requests (BLS
@@ -38,7 +40,7 @@ import numpy as np
 
 from cfg_export.runtime.artifact import Artifact
 from cfg_export.serving.client import SamplerClient
-from cfg_export.serving.options import RepositoryOptions
+from cfg_export.serving.options import RepositoryOptions, spins
 from cfg_export.serving.repository import write_repository
 from cfg_export.serving.server import TritonServer
 
@@ -157,6 +159,11 @@ def main() -> None:
     parser.add_argument("--queue-delay-us", type=int, default=None, help="batcher delay (default: the writer's)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of each stage model")
     parser.add_argument("--denoiser-instances", type=int, default=None, help="default: the writer's")
+    parser.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=None,
+                        help="ONNX Runtime threads of every stage model spin after a call, or of none (default: the "
+                             "writer's, the denoiser's only)")
+    parser.add_argument("--compare-spinning", action="store_true",
+                        help="also serve each layout with spinning off in every model (--no-spinning), side by side")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     if (args.artifact is None) == (not args.tiny_sd):
@@ -168,23 +175,30 @@ def main() -> None:
     kind = artifact_kind(artifact)
     servers = {}
     try:
-        for processes, runs in layouts:
+        variants = [(f"{p}x{r}", p, r, args.spinning) for p, r in layouts]
+        if args.compare_spinning:
+            variants += [(f"{p}x{r} spinning off", p, r, False) for p, r in layouts]
+        for name, processes, runs, spinning in variants:
             for batching in (True, False):
-                mode = f"{'row batching' if batching else 'no row batching'}, {processes}x{runs}"
+                mode = f"{'row batching' if batching else 'no row batching'}, {name}"
                 options = RepositoryOptions(row_batching=batching, sampler_instances=processes, runs_per_sampler=runs,
                                             max_queue=max(clients), queue_delay_us=args.queue_delay_us,
-                                            threads=args.threads, denoiser_instances=args.denoiser_instances)
+                                            threads=args.threads, denoiser_instances=args.denoiser_instances,
+                                            spinning=spinning)
                 folder = work / mode.replace(" ", "-").replace(",", "")
                 repo = write_repository(artifact, folder, options)
+                first = first if servers else repo.options
                 servers[mode] = TritonServer(repo.directory, log_path=folder.with_suffix(".log")).start()
                 run_clients(servers[mode].url, max(clients), 1, args.n, 2, kind, 10**6)  # warm every instance
-        o = repo.options
+        o = first
         what = "prompt" if kind["text"] else "class"
         print(f"{'tiny SD pipeline' if args.tiny_sd else args.artifact} ({', '.join(repo.models)}): {args.rounds} "
               f"rounds x {args.requests} requests per client, {args.n} image(s) of a {what}, {args.steps} steps at "
               f"w={6.5 if kind['text'] else 3} each; tritonserver from {next(iter(servers.values())).binary.origin}; "
               f"sampler layouts PROCESSESxRUNS {args.layouts}; queue delay {o.queue_delay_us} us; "
-              f"{o.denoiser_instances} denoiser instance(s); ONNX Runtime threads {o.threads or 'default'}; "
+              f"{o.denoiser_instances} denoiser instance(s); ONNX Runtime threads {o.threads or 'default'}, spinning "
+              f"{'in every model' if spins(o, False) else 'in the denoiser' if spins(o, True) else 'in no model'}"
+              f"{' (and in no model, side by side)' if args.compare_spinning else ''}; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
         width = max(len(mode) for mode in servers)
         print(f"| clients | {'server':<{width}} | images/s (median) | p50 s  | p99 s  | rows/exec | calls/step | "
@@ -197,8 +211,8 @@ def main() -> None:
                 print(f"| {c:>7} | {mode:<{width}} | {f['images_per_s']:17.2f} | {f['p50']:6.3f} | {f['p99']:6.3f} | "
                       f"{f['rows_per_execution']:9.1f} | {f['calls_per_step']:10.2f} | {f['requests']:>8} |", flush=True)
             best_without = max(f["images_per_s"] for mode, f in figures.items() if mode.startswith("no "))
-            ratios[c] = {f"{p}x{r}": figures[f"row batching, {p}x{r}"]["images_per_s"] /
-                         figures[f"no row batching, {p}x{r}"]["images_per_s"] for p, r in layouts}
+            ratios[c] = {name: figures[f"row batching, {name}"]["images_per_s"] /
+                         figures[f"no row batching, {name}"]["images_per_s"] for name, *_ in variants}
             ratios[c]["vs best without"] = figures[next(iter(servers))]["images_per_s"] / best_without
         print("images/s with row batching / without (same layout; first layout vs the best without):")
         for c, r in ratios.items():

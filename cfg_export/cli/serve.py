@@ -21,6 +21,9 @@ def repository_flags(f):
                      help="python platform: the runtime backend the denoiser opens (default auto)."),
         click.option("--threads", type=int, default=None,
                      help="python platform: ONNX Runtime threads (default: one per core)."),
+        click.option("--spinning/--no-spinning", default=None,
+                     help="python platform: ONNX Runtime threads of every model spin after a call, or of none "
+                          "(default: the denoiser's, when it is the only denoiser instance)."),
         click.option("--max-images", type=int, default=None, help="Images per request (default 16)."),
         click.option("--max-steps", type=int, default=None, help="Steps per request (default: the model's T)."),
         click.option("--max-rows", type=int, default=None,
@@ -41,11 +44,12 @@ def repository_flags(f):
     return f
 
 
-def repository_options(platform, backend, threads, max_images, max_steps, max_rows, queue_delay_us,
+def repository_options(platform, backend, threads, spinning, max_images, max_steps, max_rows, queue_delay_us,
                        sampler_instances, runs_per_sampler, denoiser_instances, max_queue, no_row_batching):
     from cfg_export.serving.options import RepositoryOptions
 
-    return RepositoryOptions(platform=platform, backend=backend, threads=threads, max_images=max_images,
+    return RepositoryOptions(platform=platform, backend=backend, threads=threads, spinning=spinning,
+                             max_images=max_images,
                              max_steps=max_steps, max_rows=max_rows, queue_delay_us=queue_delay_us,
                              sampler_instances=sampler_instances, runs_per_sampler=runs_per_sampler,
                              denoiser_instances=denoiser_instances,

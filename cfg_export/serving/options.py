@@ -31,8 +31,10 @@ class RepositoryOptions:
     platform: str | None = None
     backend: str | None = None  # python platform: the runtime backend it opens (default auto)
     threads: int | None = None  # python platform: ONNX Runtime intra-op threads (default: one per core)
-    spinning: bool | None = None  # python platform: ONNX Runtime threads spin after a call (default off: the
-    # cores are shared with the sampler processes; spinning took 5x the denoiser's CPU time in serve_throughput)
+    spinning: bool | None = None  # python platform: ONNX Runtime's worker threads spin after a call; default
+    # (None): the denoiser's do when it is the only denoiser instance (busy under load, it takes the next call
+    # sooner), the other stages' and several denoiser instances' sleep (they would spin on cores the sampler
+    # processes need); see spins()
     row_batching: bool | None = None  # merge the rows of all requests in flight (default on)
     max_rows: int | None = None  # denoiser max_batch_size in rows (default 64; the engine's largest profile)
     queue_delay_us: int | None = None  # dynamic batcher max_queue_delay_microseconds (default 100)
@@ -56,10 +58,20 @@ class RepositoryOptions:
         if self.queue_delay_us is not None and (not isinstance(self.queue_delay_us, int) or self.queue_delay_us < 0):
             raise CfgExportError(f"queue-delay-us: got {self.queue_delay_us!r}, expected microseconds >= 0")
         if (self.platform or DEFAULT_PLATFORM) != "python":
-            for name, flag in (("backend", "--backend"), ("threads", "--threads"), ("spinning", "--no-spinning")):
+            for name, flag in (("backend", "--backend"), ("threads", "--threads"),
+                               ("spinning", "--spinning/--no-spinning")):
                 if getattr(self, name) is not None:
                     raise CfgExportError(f"{flag} applies to the python platform (the runtime's backend inside "
                                          f"Triton), not {self.platform}: drop {flag}")
+
+
+def spins(options: RepositoryOptions, denoiser: bool) -> bool:
+    """Whether the ONNX Runtime threads of a python-platform stage model spin after a call:
+    --spinning/--no-spinning for every stage, else only the denoiser's, when it is the one
+    denoiser instance and has more than one thread (README, serving: what spinning changed)."""
+    if options.spinning is not None:
+        return options.spinning
+    return denoiser and options.denoiser_instances == 1 and options.threads != 1
 
 
 def resolve_options(options: RepositoryOptions | None, manifest: Manifest) -> RepositoryOptions:
@@ -91,7 +103,7 @@ def resolve_options(options: RepositoryOptions | None, manifest: Manifest) -> Re
                              f"give at most {T}")
     python = platform == "python"
     return replace(o, platform=platform, backend=o.backend or ("auto" if python else None),
-                   spinning=(False if o.spinning is None else o.spinning) if python else None,
+                   spinning=o.spinning if python else None,
                    row_batching=True if o.row_batching is None else o.row_batching, max_rows=max_rows,
                    queue_delay_us=DEFAULT_QUEUE_DELAY_US if o.queue_delay_us is None else o.queue_delay_us,
                    max_images=max_images, max_steps=o.max_steps or T,

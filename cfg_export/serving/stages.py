@@ -20,7 +20,7 @@ from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.manifest import MANIFEST_NAME, Manifest
 
 from .config import Word, config_text, parameters, tensor_config
-from .options import RepositoryOptions
+from .options import RepositoryOptions, spins
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ def stage_config(name: str, manifest: Manifest, options: RepositoryOptions) -> d
         values = {"backend": options.backend}
         if options.threads:
             values["threads"] = options.threads
-        if options.spinning is not None:
-            values["spinning"] = int(options.spinning)
+        values["spinning"] = int(spins(options, name == DENOISER))
         config["parameters"] = parameters(values)
     return config
 

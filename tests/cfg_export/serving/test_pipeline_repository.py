@@ -56,6 +56,18 @@ def test_sdxl_repository_has_a_batched_model_per_stage(served_pipelines, tmp_pat
     check_model_imports(repo.directory, repo.models, tmp_path)
 
 
+@pytest.mark.parametrize("options, spinning", [
+    ({}, {"text_encoder": "0", "denoiser": "1", "vae_decoder": "0"}),  # the busy denoiser alone spins
+    ({"denoiser_instances": 2}, {"text_encoder": "0", "denoiser": "0", "vae_decoder": "0"}),
+    ({"threads": 1}, {"text_encoder": "0", "denoiser": "0", "vae_decoder": "0"}),
+    ({"spinning": True}, {"text_encoder": "1", "denoiser": "1", "vae_decoder": "1"}),
+    ({"spinning": False}, {"text_encoder": "0", "denoiser": "0", "vae_decoder": "0"}),
+])
+def test_which_stage_models_spin(served_pipelines, tmp_path, options, spinning):
+    repo = write_repository(served_pipelines["sd"], tmp_path / "repo", RepositoryOptions(**options))
+    assert {name: parsed(repo, name).parameters["spinning"].string_value for name in spinning} == spinning
+
+
 def test_dit_repository_takes_classes_and_sd_keeps_its_null_embedding(served_pipelines, tmp_path):
     dit = write_repository(served_pipelines["dit"], tmp_path / "dit", RepositoryOptions(row_batching=False))
     assert dit.models == ["denoiser", "vae_decoder", "sampler"]
