@@ -56,9 +56,12 @@ def expand_keep(keep: Sequence[str] | None) -> tuple[list[str], list[str]]:
     entries, strict = [], []
     for entry in keep:
         entry = entry.strip()
+        if not entry:
+            raise CfgExportError("--keep-fp32: got an empty pattern; give @norm, @first-conv, ..., an op type, a "
+                                 "node-name glob, 'default' or 'none'")
         if entry == "default":
             entries += [e for e in DEFAULT_KEEP_FLOAT if e not in entries]
-        elif entry and entry != "none":
+        elif entry != "none":
             if entry.startswith("@") and entry not in GROUPS:
                 raise CfgExportError(f"--keep-fp32 {entry!r}: no such group; groups: {', '.join(GROUPS)}")
             entries.append(entry)

@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cfg_export.calibration.data import CalibrationData, read_calibration
-from cfg_export.calibration.nodes import select_float_nodes
+from cfg_export.calibration.nodes import expand_keep, select_float_nodes
 from cfg_export.calibration.qdq import arrange_qdq, quantized_layers, read_float_inputs, single_reader_layers
 from cfg_export.calibration.ranges import DEFAULT_PERCENTILE
 from cfg_export.runtime.artifact import Artifact, as_artifact
@@ -158,8 +158,13 @@ def keep_list(keep: Sequence[str] | None) -> list[str]:
 
 def check_options(options: QuantizeOptions) -> tuple[CalibrationMethod, ActivationType]:
     """Returns the parsed method and activation type; raises CfgExportError for bad options."""
-    method = parse_enum(CalibrationMethod, options.method or DEFAULT_METHOD, "--method")
-    act = parse_enum(ActivationType, options.activation_type or ActivationType.INT8, "--activation-type")
+    method = parse_enum(CalibrationMethod, DEFAULT_METHOD if options.method is None else options.method, "--method")
+    act = parse_enum(ActivationType, ActivationType.INT8 if options.activation_type is None else options.activation_type,
+                     "--activation-type")
+    if options.op_types is not None and (not options.op_types or not all(t and t.strip() for t in options.op_types)):
+        raise CfgExportError(f"--op-types: got {','.join(options.op_types)!r}, expected ONNX op types separated by "
+                             f"commas, like Conv,MatMul")
+    expand_keep(keep_list(options.keep_fp32))  # an empty pattern or an unknown group, before the work
     if options.percentile is not None and not 50 < float(options.percentile) <= 100:
         raise CfgExportError(f"--percentile: got {options.percentile}, expected a percentile in (50, 100], "
                              f"e.g. 99.999")

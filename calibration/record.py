@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,7 @@ import numpy as np
 from cfg_export.runtime.artifact import Artifact, as_artifact
 from cfg_export.runtime.errors import CfgExportError
 from cfg_export.runtime.files import check_output_file, staged_file
+from cfg_export.runtime.memory import check_rows_fit
 from cfg_export.runtime.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,9 @@ def default_conditions(manifest, classes: Sequence[int] | None, n: int | None) -
     classes = list(range(condition.num_classes)) if classes is None else list(classes)
     if not classes:
         raise CfgExportError("--classes: got no class, expected at least one label")
+    images = len(classes) * n
+    check_rows_fit(manifest.activation_bytes_per_row, images * manifest.rows_per_image, images, "recording",
+                   math.prod(manifest.facts.sample_shape))  # before the labels of n images per class are made
     return np.repeat(np.asarray(classes, dtype=np.int64), n)
 
 
@@ -168,6 +173,9 @@ def record_calibration(artifact: "Artifact | str | Path", out: str | Path, *, cl
     steps = DEFAULT_STEPS if steps is None else int(steps)
     if steps < MIN_STEPS:
         raise CfgExportError(f"--steps: got {steps}, expected at least {MIN_STEPS} sampler steps to record from")
+    T = manifest.facts.schedule.num_train_timesteps
+    if steps > T:
+        raise CfgExportError(f"--steps: got {steps}, expected at most {T} (the model's training timesteps)")
     if record_steps is not None and record_steps > steps:
         raise CfgExportError(f"--record-steps: got {record_steps}, more than the {steps} sampler steps; "
                              f"give at most {steps}, or more --steps")

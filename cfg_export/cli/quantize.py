@@ -83,7 +83,7 @@ def quantize_command(directory, calib, out_dir, method, percentile, keep_fp32, q
 
         schedule = parse_schedule(schedule)
     options = QuantizeOptions(method=method, keep_fp32=() if quantize_all else (keep_fp32 or None),
-                              op_types=[t.strip() for t in op_types.split(",")] if op_types else None,
+                              op_types=[t.strip() for t in op_types.split(",")] if op_types is not None else None,
                               per_channel=False if per_tensor else None, reduce_range=reduce_range or None,
                               activation_type=activation_type, percentile=percentile,
                               cpu_fusion=False if no_cpu_fusion else None, smoothquant=smoothquant)

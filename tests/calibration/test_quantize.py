@@ -144,6 +144,19 @@ def test_keep_pattern_matching_nothing_is_refused(digits_artifact, digits_calib,
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"method": ""}, "--method: got '', expected one of"),  # an empty value was the default before
+    ({"activation_type": ""}, "--activation-type: got '', expected one of"),
+    ({"op_types": [""]}, "--op-types: got '', expected ONNX op types"),
+    ({"op_types": ["Conv", ""]}, "--op-types: got 'Conv,', expected ONNX op types"),
+    ({"keep_fp32": ["@norm", " "]}, "--keep-fp32: got an empty pattern"),
+])
+def test_empty_option_values_are_refused(tiny_artifacts, tmp_path, options, message):
+    with pytest.raises(CfgExportError, match=message):
+        quantize_artifact(tiny_artifacts / "stacked", tmp_path / "none.npz", tmp_path / "q", QuantizeOptions(**options))
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("method", ["minmax", "entropy", "min-mean"])
 def test_each_method_gives_a_runnable_artifact(tiny_artifacts, tiny_calib, tmp_path, method):
     result = quantize_artifact(tiny_artifacts / "stacked", tiny_calib.path, tmp_path / method,

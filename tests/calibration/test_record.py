@@ -86,6 +86,11 @@ def test_too_few_recorded_steps_is_refused(tiny_artifacts, tmp_path):
         record_calibration(tiny_artifacts / "stacked", tmp_path / "c.npz", steps=10, record_steps=12)
     with pytest.raises(CfgExportError, match=r"--n: got 0, expected at least 1 image per class"):
         record_calibration(tiny_artifacts / "stacked", tmp_path / "c.npz", n=0)
+    T = read_manifest(tiny_artifacts / "stacked").facts.schedule.num_train_timesteps
+    with pytest.raises(CfgExportError, match=rf"--steps: got {10**20}, expected at most {T}"):  # an OverflowError before
+        record_calibration(tiny_artifacts / "stacked", tmp_path / "c.npz", steps=10**20)
+    with pytest.raises(CfgExportError, match=r"recording: \d+ images need about .* ask for at most \d+ images"):
+        record_calibration(tiny_artifacts / "stacked", tmp_path / "c.npz", n=10**20)
     assert not (tmp_path / "c.npz").exists()
 
 
