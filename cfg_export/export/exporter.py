@@ -21,6 +21,9 @@ from cfg_export.runtime.manifest import METADATA_KEY, ConditionKind, Layout, Man
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17  # parsed by TensorRT 10.x (JetPack 6) and 11.x, and ONNX Runtime >= 1.14
+MIN_OPSET = 7
+MAX_STATIC_BATCH = 1024  # images of a static graph: the export traces and checks the model at 2N rows at once
+# (the digits UNet at 40000 images was killed by the OS for memory); larger batches take the dynamic graph
 DEFAULT_TOLERANCE = 1e-4  # max relative error of ONNX Runtime against PyTorch in the self-check
 CHECK_BATCHES = (1, 5)  # images N the self-check runs a dynamic graph at
 
@@ -177,6 +180,24 @@ def check_export(wrapper, manifest: Manifest, path: Path, batches=CHECK_BATCHES)
     return results
 
 
+def export_opset(opset: int | None) -> int:
+    """Returns the opset to export: DEFAULT_OPSET for None; raises CfgExportError for one
+    the installed torch's TorchScript exporter does not write."""
+    if opset is None:
+        return DEFAULT_OPSET
+    try:
+        import importlib
+
+        top = importlib.import_module("torch.onnx._constants").ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    except (ImportError, AttributeError):  # another torch: its exporter names what it refuses
+        top = None
+    value = expect_int(opset, "--opset", lo=MIN_OPSET)
+    if top is not None and value > top:
+        raise CfgExportError(f"--opset: got {value}, but this torch exports opsets {MIN_OPSET}..{top}; give at most "
+                             f"{top} (default {DEFAULT_OPSET})")
+    return value
+
+
 def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = None,
                 batch: int | None = None, opset: int | None = None, check: bool = True,
                 tolerance: float | None = None, overwrite: bool = False, null_class: int | None = None,
@@ -193,10 +214,12 @@ def export_onnx(model: str, out_dir: str | Path, layout: Layout | str | None = N
     folder (see cfg_export.export.diffusers_models); the null embedding is stored in the artifact.
     """
     layout = parse_enum(Layout, layout or Layout.STACKED, "layout")
-    opset = DEFAULT_OPSET if opset is None else expect_int(opset, "--opset", lo=7)
+    opset = export_opset(opset)
     tolerance = check_tolerance(tolerance)
-    if batch is not None:
-        expect_int(batch, "--batch", lo=1)
+    if batch is not None and expect_int(batch, "--batch", lo=1) > MAX_STATIC_BATCH:
+        raise CfgExportError(f"--batch: got {batch} images, expected at most {MAX_STATIC_BATCH} for a static graph "
+                             f"(the export runs the model at 2N rows at once); leave --batch out for a dynamic "
+                             f"batch, which samples any number of images")
     check_export_target(model, out_dir, overwrite)
     torch = require("torch", "export")
     from cfg_export.export import wrappers

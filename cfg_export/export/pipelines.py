@@ -123,14 +123,14 @@ def export_pipeline(folder: str | Path, out_dir: str | Path, *, min_size: int | 
     """
     require("torch", "export")
     from cfg_export.export import pipeline_parts as parts
-    from cfg_export.export.exporter import DEFAULT_OPSET, check_tolerance
+    from cfg_export.export.exporter import check_tolerance, export_opset
 
     start = time.perf_counter()
     folder = Path(folder)
     tolerance = check_tolerance(tolerance)
     check_export_target(folder, out_dir, overwrite)
     name, index = read_model_index(folder)
-    options = parts.ExportOptions(opset=DEFAULT_OPSET if opset is None else int(opset), check=check,
+    options = parts.ExportOptions(opset=export_opset(opset), check=check,
                                   tolerance=tolerance,
                                   external_data_bytes=external_data_bytes, min_size=min_size, max_size=max_size)
     result = PipelineExportResult(Path(out_dir), name)

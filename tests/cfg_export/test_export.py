@@ -238,3 +238,14 @@ def test_cli_prints_the_errors(tmp_path):
     assert "check N=1: ONNX Runtime vs PyTorch max abs error" in proc.stdout
     assert "max relative error" in proc.stdout and "check N=5" in proc.stdout
     assert read_manifest(tmp_path / "out").opset == 18
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch": 10**20}, r"--batch: got 100000000000000000000 images, expected at most 1024"),  # a traceback before
+    ({"batch": 1025}, r"--batch: got 1025 images, expected at most 1024 for a static graph"),  # killed by the OS
+    ({"opset": 10**20}, r"--opset: got 100000000000000000000, but this torch exports opsets 7\.\.\d+"),
+])
+def test_a_batch_or_opset_the_export_cannot_make_is_refused_before_the_work(tmp_path, options, message):
+    with pytest.raises(CfgExportError, match=message):
+        export_onnx("tests.models:conv2d", tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
