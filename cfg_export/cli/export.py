@@ -14,7 +14,7 @@ from cfg_export.runtime.errors import CfgExportError
 @click.option("--fuse-guidance", is_flag=True,
               help="Fused layout: inputs sample/timestep/cond/w [N]; stacking and the w mix in the graph.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
-              help="Static graph for N images (2N rows when stacked). Default: dynamic batch.")
+              help="Static graph for N images (2N rows when stacked; N at most 1024). Default: dynamic batch.")
 @click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset (default 17, parsed by TensorRT 10).")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker and the ONNX Runtime vs PyTorch comparison.")
 @click.option("--tolerance", type=float, default=None, help="Max relative error of the check (default 1e-4).")
