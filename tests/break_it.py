@@ -255,6 +255,10 @@ def cases() -> list[Case]:
              message="holds"))
     add(Case("onnx", "--overwrite a folder that is not an artifact", ["onnx", "model", "-o", "notes", "--overwrite"],
              message="not a folder written by cfg-export"))
+    add(Case("onnx", "a static batch too large to trace", ["onnx", "model", "-o", "o40", "--batch", "40000"],
+             message="at most 1024", outputs=["o40"]))
+    add(Case("onnx", "an opset torch does not export", ["onnx", "model", "-o", "o41", "--opset", "99"],
+             message="--opset", outputs=["o41"]))
     add(Case("onnx", "existing artifact without --overwrite", ["onnx", "model", "-o", "digits"],
              message="pass --overwrite"))
     add(Case("onnx", "-o is a file", ["onnx", "model", "-o", "nets.py"], message="is a file"))
@@ -618,6 +622,10 @@ def cases() -> list[Case]:
     add(Case("trt", "not an artifact", ["trt", "notes", "--print-trtexec"], message="manifest.json"))
     # ---- calibrate ----
     add(Case("calibrate", "output not .npz", ["calibrate", "tiny", "-o", "c.txt"], message=".npz", outputs=["c.txt"]))
+    add(Case("calibrate", "steps beyond the training timesteps", ["calibrate", "tiny", "-o", "c40.npz", "--steps",
+                                                                  str(10**20)], message="--steps", outputs=["c40.npz"]))
+    add(Case("calibrate", "images beyond memory", ["calibrate", "tiny", "-o", "c41.npz", "--n", str(10**20)],
+             message="ask for at most", outputs=["c41.npz"]))
     add(Case("calibrate", "output is a folder", ["calibrate", "tiny", "-o", "notes"], message="folder"))
     add(Case("calibrate", "output read-only", ["calibrate", "tiny", "-o", f"{READ_ONLY}/c.npz"]))
     add(Case("calibrate", "steps 2", ["calibrate", "tiny", "-o", "c1.npz", "--steps", "2"], message="--steps",
@@ -636,6 +644,10 @@ def cases() -> list[Case]:
     add(Case("calibrate", "a recording that works", ["calibrate", "tiny", "-o", "c9.npz", "--steps", "6", "-q"],
              expect=OK, check=exists("c9.npz")))
     # ---- quantize ----
+    add(Case("quantize", "an empty --method", ["quantize", "tiny", "--calib", "calib.npz", "-o", "q40", "--method", ""],
+             message="--method", outputs=["q40"]))
+    add(Case("quantize", "an empty --keep-fp32 pattern", ["quantize", "tiny", "--calib", "calib.npz", "-o", "q41",
+                                                           "--keep-fp32", ""], message="empty pattern", outputs=["q41"]))
     add(Case("quantize", "calibration of another model", ["quantize", "digits", "--calib", "calib.npz", "-o", "q1"],
              message="recorded from", outputs=["q1"]))
     add(Case("quantize", "calibration file empty", ["quantize", "tiny", "--calib", "empty.npz", "-o", "q2"],
