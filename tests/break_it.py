@@ -741,6 +741,8 @@ def cases() -> list[Case]:
     add(Case("triton", "runs per sampler 0", ["triton", "tiny", "-o", "r1", "--runs-per-sampler", "0"],
              message="runs-per-sampler", outputs=["r1"]))
     add(Case("triton", "a static graph", ["triton", "static", "-o", "r2"], outputs=["r2"]))
+    add(Case("triton", "sampler instances beyond a machine", ["triton", "tiny", "-o", "r40", "--sampler-instances",
+                                                              str(10**20)], message="at most", outputs=["r40"]))
     add(Case("triton", "output over a user folder", ["triton", "tiny", "-o", "notes", "--overwrite"],
              message="not a folder written by cfg-export"))
     add(Case("triton", "unknown platform", ["triton", "tiny", "-o", "r3", "--platform", "magic"], outputs=["r3"]))

@@ -17,6 +17,12 @@ DEFAULT_SAMPLER_INSTANCES = 2  # sampler processes
 DEFAULT_RUNS_PER_SAMPLER = 8  # sampling runs in flight in each sampler process (one thread each)
 DEFAULT_DENOISER_INSTANCES = 1
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a sampler instance; more are refused at once
+INT32_MAX = 2**31 - 1  # Triton's config fields (max_batch_size, count, max_queue_size) are int32
+LIMITS = {  # the largest value of each option: processes and threads one machine can run, int32 fields
+    "threads": 1024, "sampler_instances": 256, "runs_per_sampler": 1024, "denoiser_instances": 256,
+    "max_rows": INT32_MAX, "max_images": INT32_MAX, "max_steps": INT32_MAX, "max_queue": INT32_MAX,
+}
+MAX_QUEUE_DELAY_US = 10_000_000  # 10 s: a batcher that waits longer holds every request that long
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,13 @@ class RepositoryOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise CfgExportError(f"{name.replace('_', '-')}: got {value!r}, expected an integer >= 1")
-        if self.queue_delay_us is not None and (not isinstance(self.queue_delay_us, int) or self.queue_delay_us < 0):
-            raise CfgExportError(f"queue-delay-us: got {self.queue_delay_us!r}, expected microseconds >= 0")
+            if value is not None and value > LIMITS[name]:
+                raise CfgExportError(f"{name.replace('_', '-')}: got {value}, expected at most {LIMITS[name]}")
+        if self.queue_delay_us is not None and (isinstance(self.queue_delay_us, bool) or
+                                                not isinstance(self.queue_delay_us, int) or
+                                                not 0 <= self.queue_delay_us <= MAX_QUEUE_DELAY_US):
+            raise CfgExportError(f"queue-delay-us: got {self.queue_delay_us!r}, expected microseconds in "
+                                 f"0..{MAX_QUEUE_DELAY_US}")
         if (self.platform or DEFAULT_PLATFORM) != "python":
             for name, flag in (("backend", "--backend"), ("threads", "--threads"),
                                ("spinning", "--spinning/--no-spinning")):
@@ -94,6 +105,9 @@ def resolve_options(options: RepositoryOptions | None, manifest: Manifest) -> Re
             max_images = min(max_images, max_rows // per_image)
     else:
         max_rows = o.max_rows or max(DEFAULT_MAX_ROWS, per_image * max_images)
+        if max_rows > INT32_MAX:
+            raise CfgExportError(f"--max-images {max_images} needs {per_image * max_images} rows per call, more than "
+                                 f"a Triton batch holds ({INT32_MAX}): lower --max-images")
     if per_image * max_images > max_rows:
         raise CfgExportError(f"--max-images {max_images} needs {per_image * max_images} rows per call, more than "
                              f"--max-rows {max_rows}: raise --max-rows or lower --max-images")

@@ -150,6 +150,7 @@ def test_model_files_import_the_copied_runtime_without_torch_or_cfg_export(tiny_
     ("stacked", RepositoryOptions(max_steps=101), "--max-steps: got 101, but the model has 100 training timesteps"),
     ("stacked", RepositoryOptions(max_images=20, max_rows=32), "--max-images 20 needs 40 rows per call, more than "
                                                                "--max-rows 32: raise --max-rows or lower --max-images"),
+    ("stacked", RepositoryOptions(max_images=2**31 - 1), "rows per call, more than a Triton batch holds"),
 ])
 def test_refusals_write_nothing(tiny_artifacts, tmp_path, folder, options, message):
     with pytest.raises(CfgExportError) as info:
@@ -164,8 +165,15 @@ def test_option_errors():
         RepositoryOptions(platform="tensorrt")
     with pytest.raises(CfgExportError, match="sampler-instances: got 0, expected an integer >= 1"):
         RepositoryOptions(sampler_instances=0)
-    with pytest.raises(CfgExportError, match="queue-delay-us: got -1, expected microseconds >= 0"):
+    with pytest.raises(CfgExportError, match=r"queue-delay-us: got -1, expected microseconds in 0\.\.10000000"):
         RepositoryOptions(queue_delay_us=-1)
+    # beyond what one machine runs or Triton's int32 config fields hold: the config was written before
+    with pytest.raises(CfgExportError, match=r"sampler-instances: got 100000000000000000000, expected at most 256"):
+        RepositoryOptions(sampler_instances=10**20)
+    with pytest.raises(CfgExportError, match=r"max-rows: got 2147483648, expected at most 2147483647"):
+        RepositoryOptions(max_rows=2**31)
+    with pytest.raises(CfgExportError, match=r"queue-delay-us: got 10000001, expected microseconds in"):
+        RepositoryOptions(queue_delay_us=10_000_001)
     with pytest.raises(CfgExportError, match=r"--threads applies to the python platform \(the runtime's backend "
                                              r"inside Triton\), not onnxruntime_onnx: drop --threads"):
         RepositoryOptions(platform="onnxruntime_onnx", threads=2)
