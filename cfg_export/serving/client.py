@@ -19,6 +19,7 @@ from cfg_export.runtime.errors import CfgExportError, require
 from cfg_export.runtime.files import check_output_file
 from cfg_export.runtime.grid import DEFAULT_IMAGES_PER_CONDITION, class_rows, expand_w, read_npy, repeat_rows
 from cfg_export.runtime.images import IMAGE_FORMATS, check_drawable, save_grid, save_npy
+from cfg_export.runtime.pipeline_sampling import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +257,7 @@ def send_request(url: str, *, timeout: float | None = None, **options) -> Reques
     if len(conditions) > 1:  # no server takes two kinds of condition: refused before connecting
         raise CfgExportError(f"{' and '.join(conditions)}: give one kind of condition (--prompt for a text "
                              f"pipeline, --classes or --cond otherwise)")
-    if options.get("out") is not None:  # every output path checked before the request is sent
-        check_output_file(options["out"], "-o", tuple(IMAGE_FORMATS))
-    for name, flag in (("npy", "--npy"), ("latents", "--latents")):
-        if options.get(name) is not None:
-            check_output_file(options[name], flag, (".npy",))
+    check_outputs(options.get("out"), options.get("npy"), options.get("latents"))  # before the request is sent
     with SamplerClient(url, timeout) as client:
         pipeline = client.parameters().get("kind") == "pipeline"
     given = {name: value for name, value in options.items() if value is not None}
