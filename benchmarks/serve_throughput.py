@@ -33,7 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +71,15 @@ def send_one(client: SamplerClient, kind: dict, n: int, steps: int, seed: int) -
         client.sample(np.full(n, seed % kind["num_classes"], dtype=np.int64), 3.0, steps=steps, seed=seed)
 
 
-def run_clients(url: str, clients: int, requests: int, n: int, steps: int, kind: dict, seed0: int) -> dict:
+class ModelProcessDied(RuntimeError):
+    """A model process of a server died during a run."""
+
+
+def run_clients(url: str, clients: int, requests: int, n: int, steps: int, kind: dict, seed0: int,
+                server: TritonServer | None = None) -> dict:
     """Runs `clients` closed-loop clients of `requests` requests each; returns the figures
-    (images/s, every latency, denoiser requests and executions)."""
+    (images/s, every latency, denoiser requests and executions). With `server`, stops with
+    an error when one of its model processes dies (its requests would never be answered)."""
     def client_loop(index: int) -> list[float]:
         latencies = []
         with SamplerClient(url, timeout=600) as client:
@@ -86,8 +92,17 @@ def run_clients(url: str, clients: int, requests: int, n: int, steps: int, kind:
 
     before = denoiser_counts(url)
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        latencies = [s for run in pool.map(client_loop, range(clients)) for s in run]
+    pool = ThreadPoolExecutor(clients)
+    try:
+        futures = [pool.submit(client_loop, index) for index in range(clients)]
+        while wait(futures, timeout=1.0).not_done:
+            dead = server.dead_models() if server is not None else []
+            if dead:
+                raise ModelProcessDied(f"the model process of {', '.join(dead)} died during the run: its requests are "
+                                   f"never answered; run the benchmark again")
+        latencies = [s for future in futures for s in future.result()]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # stopping the server ends clients left waiting
     wall = time.perf_counter() - start
     after = denoiser_counts(url)
     calls, executions = after[0] - before[0], after[1] - before[1]
@@ -103,7 +118,7 @@ def run_rounds(servers: dict, clients: int, args, kind: dict) -> dict:
         order = list(servers) if r % 2 == 0 else list(servers)[::-1]
         for mode in order:
             runs[mode].append(run_clients(servers[mode].url, clients, args.requests, args.n, args.steps, kind,
-                                          seed0=1000 * clients + 100 * r))
+                                          seed0=1000 * clients + 100 * r, server=servers[mode]))
     pooled = {}
     for mode, results in runs.items():
         latencies = [s for f in results for s in f["latencies"]]
@@ -189,7 +204,8 @@ def main() -> None:
                 repo = write_repository(artifact, folder, options)
                 first = first if servers else repo.options
                 servers[mode] = TritonServer(repo.directory, log_path=folder.with_suffix(".log")).start()
-                run_clients(servers[mode].url, max(clients), 1, args.n, 2, kind, 10**6)  # warm every instance
+                run_clients(servers[mode].url, max(clients), 1, args.n, 2, kind, 10**6,  # warm every instance
+                            server=servers[mode])
         o = first
         what = "prompt" if kind["text"] else "class"
         print(f"{'tiny SD pipeline' if args.tiny_sd else args.artifact} ({', '.join(repo.models)}): {args.rounds} "
@@ -225,4 +241,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModelProcessDied as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -80,6 +80,28 @@ def triton_command(artifact, out, overwrite, **flags):
         f"{options.sampler_instances} sampler instances x {options.runs_per_sampler} runs)")
 
 
+WATCH_INTERVAL_S = 1.0  # how often serve checks that every model process is alive
+
+
+def watch(server) -> int:
+    """Waits for the server to exit and returns its exit code. A model process that dies
+    (Triton's Python backend leaves the requests routed to it waiting forever) restarts
+    the server on the same ports, with one line on stderr; the requests in flight fail."""
+    import subprocess
+
+    while True:
+        try:
+            return server.process.wait(timeout=WATCH_INTERVAL_S)
+        except subprocess.TimeoutExpired:
+            pass
+        dead = server.dead_models()
+        if dead:
+            click.echo(f"error: the model process of {', '.join(dead)} died; restarting tritonserver (the requests in "
+                       f"flight fail, clients may resend them)", err=True)
+            server.restart()
+            say(f"serving again at http://{server.url}")
+
+
 @click.command("serve", cls=Command, context_settings=CONTEXT)
 @click.argument("artifact", metavar="DIR", type=click.Path())
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="HTTP port on 127.0.0.1 (default 8000).")
@@ -124,7 +146,7 @@ def serve_command(artifact, port, grpc_port, metrics_port, repository, overwrite
     try:
         say(f"serving {artifact} at http://{server.url} (gRPC {server.grpc_url}, metrics {server.metrics_url}); "
             f"tritonserver from {server.binary.origin}; Ctrl-C stops it")
-        code = server.wait()
+        code = watch(server)
         if code:
             raise CfgExportError(f"tritonserver stopped with exit code {code}")
     except KeyboardInterrupt:

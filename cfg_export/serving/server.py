@@ -134,6 +134,7 @@ class TritonServer:
         self.remove_on_stop: Path | None = None  # a temporary repository folder, removed by stop()
         # the Python backend's shared-memory regions of this server: removed at stop if a crash left them
         self._shm_prefix = f"cfg_export_{os.getpid()}_{id(self):x}_"
+        self._models: dict[str, int] = {}  # the model instances' processes once ready, by instance name
 
     @property
     def url(self) -> str:
@@ -179,25 +180,46 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="cfg-export-triton-"))
         try:
             self.binary = find_tritonserver(self._workdir)
-            pick_ports = self.port is None
-            for attempt in range(START_ATTEMPTS):
-                if pick_ports:
-                    self.port = free_port()
-                if self.metrics and (self.metrics_port is None or (pick_ports and attempt)):
-                    self.metrics_port = free_port()
-                if self.grpc and (self.grpc_port is None or (pick_ports and attempt)):
-                    self.grpc_port = free_port()
-                error, retry = self._launch()
-                if error is None:
-                    return self
-                if not (retry or (pick_ports and "already in use" in error)):
-                    break
-                log.warning("%s; starting it again", error)
-            raise CfgExportError(error)
+            self._launch_until_ready(pick_ports=self.port is None)
+            return self
         except BaseException:
             self._own_log = None  # keep the log the error names
             self.stop()
             raise
+
+    def _launch_until_ready(self, pick_ports: bool) -> None:
+        """Launches the server until it is ready (START_ATTEMPTS tries); raises CfgExportError."""
+        for attempt in range(START_ATTEMPTS):
+            if pick_ports:
+                self.port = free_port()
+            if self.metrics and (self.metrics_port is None or (pick_ports and attempt)):
+                self.metrics_port = free_port()
+            if self.grpc and (self.grpc_port is None or (pick_ports and attempt)):
+                self.grpc_port = free_port()
+            error, retry = self._launch()
+            if error is None:
+                return
+            if not (retry or (pick_ports and "already in use" in error)):
+                break
+            log.warning("%s; starting it again", error)
+        raise CfgExportError(error)
+
+    def dead_models(self) -> list[str]:
+        """The model instances whose process has died since the server became ready, each
+        named with how it ended (e.g. "sampler_1_0 (killed by SIGSEGV)"). Triton's Python
+        backend (2.51) neither restarts such a process nor fails the requests routed to it:
+        they wait forever, so a caller restarts the server (see restart)."""
+        if self.process is None or not self._models:
+            return []
+        alive = model_processes(self.process.pid)
+        return [f"{name} ({_how_it_ended(pid)})" for name, pid in self._models.items() if name not in alive]
+
+    def restart(self) -> None:
+        """Stops the server and starts it again on the same ports, from the same repository
+        (requests in flight fail); raises CfgExportError when it does not come up."""
+        self._terminate()
+        self._remove_shm()
+        self._launch_until_ready(pick_ports=False)
 
     def _launch(self) -> tuple[str | None, bool]:
         """Runs the server once; returns (None, False) when ready, else (the reason it is
@@ -220,6 +242,7 @@ class TritonServer:
                 return (f"tritonserver exited at start (code {code}): {_error_line(log_path)}; log: {log_path}",
                         code < 0)
             if _ready(self.port):
+                self._models = model_processes(self.process.pid)
                 return None, False
             time.sleep(0.25)
         self._terminate()
@@ -272,6 +295,51 @@ class TritonServer:
         if self.remove_on_stop is not None:
             shutil.rmtree(self.remove_on_stop, ignore_errors=True)
             self.remove_on_stop = None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def model_processes(server_pid: int) -> dict[str, int]:
+    """The live model processes (Python-backend stubs) of a tritonserver, by model
+    instance name (the stub's next-to-last argument, e.g. "sampler_1_0"); Linux (/proc),
+    else empty."""
+    found = {}
+    if not os.path.isdir("/proc"):
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        stat = _proc_stat(int(entry))
+        if stat is None or stat[1] != str(server_pid) or stat[0] in ("Z", "X"):
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            continue
+        if len(args) >= 3 and "stub" in os.path.basename(args[0]):
+            found[args[-2]] = int(entry)
+    return found
+
+
+def _how_it_ended(pid: int) -> str:
+    """How a dead child process ended, from its zombie's exit status, if it is still there."""
+    stat = _proc_stat(pid)
+    if stat is None or len(stat) < 50 or stat[0] != "Z":
+        return "gone"
+    status = int(stat[49])  # the exit status as waitpid reports it (Linux 3.5+)
+    if os.WIFSIGNALED(status):
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 def _stop_with_parent() -> None:

@@ -140,6 +140,59 @@ def test_serve_and_request_give_what_sample_gives(tiny_artifacts, tmp_path):
     assert not any(os.path.exists(f"/proc/{pid}") for pid in server_pids)
 
 
+def read_line(stream, timeout: float) -> str:
+    """The next line of a subprocess pipe, or "" when none comes within `timeout` seconds."""
+    import select
+
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.readline() if ready else ""
+
+
+@needs_tritonserver
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_serve_restarts_the_server_when_a_model_process_dies(tiny_artifacts, tmp_path):
+    """Triton 2.51's Python backend never answers the requests a crashed model process was
+    running and fails those routed to it later: serve restarts the server."""
+    from cfg_export.serving.server import free_port, model_processes
+
+    artifact = tiny_artifacts / "stacked"
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    serve = subprocess.Popen([sys.executable, "-c", "from cfg_export.cli import main; main()", "serve", str(artifact),
+                              "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                              "--sampler-instances", "2"],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = read_line(serve.stdout, 180)
+        assert line.startswith(f"serving {artifact} at http://127.0.0.1:{port}"), line
+        (server_pid,) = children(serve.pid)
+        models = model_processes(server_pid)
+        assert sorted(models) == ["denoiser_0_0", "sampler_0_0", "sampler_0_1"]
+        os.kill(models["sampler_0_1"], signal.SIGSEGV)
+        lines = []
+        while not any(line.startswith("error:") for line in lines):
+            line = read_line(serve.stderr, 30)
+            assert line, f"no error line from serve within 30 s; stderr so far: {lines}"
+            lines.append(line)
+        assert lines[-1].strip() == ("error: the model process of sampler_0_1 (killed by SIGSEGV) died; restarting "
+                                     "tritonserver (the requests in flight fail, clients may resend them)")
+        assert read_line(serve.stdout, 180).strip() == f"serving again at http://127.0.0.1:{port}"
+        (new_pid,) = children(serve.pid)
+        assert new_pid != server_pid and sorted(model_processes(new_pid)) == sorted(models)
+        for seed in range(4):  # both sampler instances answer
+            proc = run_cli("request", f"127.0.0.1:{port}", "--classes", "1", "--steps", "4", "--seed", str(seed),
+                           "--npy", tmp_path / f"x{seed}.npy")
+            assert proc.returncode == 0, proc.stderr
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=60)
+        finally:
+            if serve.poll() is None:
+                serve.kill()
+    assert serve.returncode == 0, serve.stderr.read()
+
+
 def test_without_tritonclient_request_names_the_extra(tmp_path):
     from tests.conftest import run_without
 
