@@ -117,7 +117,8 @@ def watch(server) -> int:
 def serve_command(artifact, port, grpc_port, metrics_port, repository, overwrite, log_path, **flags):
     """Serve the artifact DIR on 127.0.0.1 with Triton until Ctrl-C: the repository of
     `cfg-export triton`, and a tritonserver (one on PATH, else the nvidia-pytriton wheel's:
-    pip install 'cfg-export[serve]').
+    pip install 'cfg-export[serve]'). A model process that dies restarts the server on the
+    same ports (the requests in flight fail).
 
     \b
     Example: cfg-export serve out/digits --port 8000
