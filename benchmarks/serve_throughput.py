@@ -16,8 +16,8 @@ chosen per request, at w=3, a seed of its own; for a pipeline artifact, of a pro
 w=6.5 (or of a class, for DiT): text encoders, denoiser steps and the VAE decoder, all
 served. --tiny-sd exports the tiny Stable Diffusion pipeline of tests/tiny_pipelines.py
 (needs torch, diffusers, transformers) and runs on it. --compare-spinning adds, for each
-layout, the same two servers with ONNX Runtime's thread spinning off in every model (the
-writer's default spins the denoiser's threads only).
+layout, the same two servers with ONNX Runtime's threads spinning in every model
+(--spinning; the writer's default is none).
 Each client count runs --rounds rounds in which the servers take turns, in reversed order
 every other round (a busy shared machine drifts); prints the median images/s, p50/p99
 latency over all rounds' requests, denoiser rows per execution, denoiser requests (BLS
@@ -175,10 +175,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of each stage model")
     parser.add_argument("--denoiser-instances", type=int, default=None, help="default: the writer's")
     parser.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=None,
-                        help="ONNX Runtime threads of every stage model spin after a call, or of none (default: the "
-                             "writer's, the denoiser's only)")
+                        help="ONNX Runtime threads of every stage model spin after a call, or of none (the "
+                             "writer's default)")
     parser.add_argument("--compare-spinning", action="store_true",
-                        help="also serve each layout with spinning off in every model (--no-spinning), side by side")
+                        help="also serve each layout with spinning in every model (--spinning), side by side")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     if (args.artifact is None) == (not args.tiny_sd):
@@ -192,7 +192,7 @@ def main() -> None:
     try:
         variants = [(f"{p}x{r}", p, r, args.spinning) for p, r in layouts]
         if args.compare_spinning:
-            variants += [(f"{p}x{r} spinning off", p, r, False) for p, r in layouts]
+            variants += [(f"{p}x{r} spinning", p, r, True) for p, r in layouts]
         for name, processes, runs, spinning in variants:
             for batching in (True, False):
                 mode = f"{'row batching' if batching else 'no row batching'}, {name}"
@@ -213,8 +213,8 @@ def main() -> None:
               f"w={6.5 if kind['text'] else 3} each; tritonserver from {next(iter(servers.values())).binary.origin}; "
               f"sampler layouts PROCESSESxRUNS {args.layouts}; queue delay {o.queue_delay_us} us; "
               f"{o.denoiser_instances} denoiser instance(s); ONNX Runtime threads {o.threads or 'default'}, spinning "
-              f"{'in every model' if spins(o, False) else 'in the denoiser' if spins(o, True) else 'in no model'}"
-              f"{' (and in no model, side by side)' if args.compare_spinning else ''}; "
+              f"{'in every model' if spins(o) else 'in no model'}"
+              f"{' (and in every model, side by side)' if args.compare_spinning else ''}; "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
         width = max(len(mode) for mode in servers)
         print(f"| clients | {'server':<{width}} | images/s (median) | p50 s  | p99 s  | rows/exec | calls/step | "

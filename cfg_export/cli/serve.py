@@ -22,8 +22,8 @@ def repository_flags(f):
         click.option("--threads", type=int, default=None,
                      help="python platform: ONNX Runtime threads (default: one per core)."),
         click.option("--spinning/--no-spinning", default=None,
-                     help="python platform: ONNX Runtime threads of every model spin after a call, or of none "
-                          "(default: the denoiser's, when it is the only denoiser instance)."),
+                     help="python platform: ONNX Runtime threads of every model spin after a call (a little faster "
+                          "under light load), or of none (default; faster under many clients)."),
         click.option("--max-images", type=int, default=None, help="Images per request (default 16)."),
         click.option("--max-steps", type=int, default=None, help="Steps per request (default: the model's T)."),
         click.option("--max-rows", type=int, default=None,

@@ -37,10 +37,8 @@ class RepositoryOptions:
     platform: str | None = None
     backend: str | None = None  # python platform: the runtime backend it opens (default auto)
     threads: int | None = None  # python platform: ONNX Runtime intra-op threads (default: one per core)
-    spinning: bool | None = None  # python platform: ONNX Runtime's worker threads spin after a call; default
-    # (None): the denoiser's do when it is the only denoiser instance (busy under load, it takes the next call
-    # sooner), the other stages' and several denoiser instances' sleep (they would spin on cores the sampler
-    # processes need); see spins()
+    spinning: bool | None = None  # python platform: ONNX Runtime's worker threads of every stage model spin
+    # after a call (True), or of none (False, the default; README, serving: what spinning changed)
     row_batching: bool | None = None  # merge the rows of all requests in flight (default on)
     max_rows: int | None = None  # denoiser max_batch_size in rows (default 64; the engine's largest profile)
     queue_delay_us: int | None = None  # dynamic batcher max_queue_delay_microseconds (default 100)
@@ -76,13 +74,11 @@ class RepositoryOptions:
                                          f"Triton), not {self.platform}: drop {flag}")
 
 
-def spins(options: RepositoryOptions, denoiser: bool) -> bool:
-    """Whether the ONNX Runtime threads of a python-platform stage model spin after a call:
-    --spinning/--no-spinning for every stage, else only the denoiser's, when it is the one
-    denoiser instance and has more than one thread (README, serving: what spinning changed)."""
-    if options.spinning is not None:
-        return options.spinning
-    return denoiser and options.denoiser_instances == 1 and options.threads != 1
+def spins(options: RepositoryOptions) -> bool:
+    """Whether the ONNX Runtime threads of the python-platform stage models spin after a
+    call: --spinning; by default none do (under many clients spinning threads take the
+    cores the sampler processes need; README, serving: what spinning changed)."""
+    return bool(options.spinning)
 
 
 def resolve_options(options: RepositoryOptions | None, manifest: Manifest) -> RepositoryOptions:

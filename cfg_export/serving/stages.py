@@ -138,7 +138,7 @@ def stage_config(name: str, manifest: Manifest, options: RepositoryOptions) -> d
         values = {"backend": options.backend}
         if options.threads:
             values["threads"] = options.threads
-        values["spinning"] = int(spins(options, name == DENOISER))
+        values["spinning"] = int(spins(options))
         config["parameters"] = parameters(values)
     return config
 

@@ -57,7 +57,7 @@ def test_sdxl_repository_has_a_batched_model_per_stage(served_pipelines, tmp_pat
 
 
 @pytest.mark.parametrize("options, spinning", [
-    ({}, {"text_encoder": "0", "denoiser": "1", "vae_decoder": "0"}),  # the busy denoiser alone spins
+    ({}, {"text_encoder": "0", "denoiser": "0", "vae_decoder": "0"}),  # none by default
     ({"denoiser_instances": 2}, {"text_encoder": "0", "denoiser": "0", "vae_decoder": "0"}),
     ({"threads": 1}, {"text_encoder": "0", "denoiser": "0", "vae_decoder": "0"}),
     ({"spinning": True}, {"text_encoder": "1", "denoiser": "1", "vae_decoder": "1"}),
