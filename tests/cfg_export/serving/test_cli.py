@@ -90,18 +90,35 @@ def children(pid: int) -> list[int]:
     return found
 
 
-@needs_tritonserver
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_serve_and_request_give_what_sample_gives(tiny_artifacts, tmp_path):
+def start_serve(artifact):
+    """`cfg-export serve ARTIFACT` (2 sampler instances) in a subprocess on free ports;
+    returns it and its (HTTP, gRPC, metrics) ports."""
     from cfg_export.serving.server import free_port
 
-    artifact = tiny_artifacts / "stacked"
-    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    ports = free_port(), free_port(), free_port()
     serve = subprocess.Popen([sys.executable, "-c", "from cfg_export.cli import main; main()", "serve", str(artifact),
-                              "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                              "--port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
                               "--sampler-instances", "2"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return serve, ports
+
+
+def stop_serve(serve) -> None:
+    """Stops a serve subprocess as `kill` does (SIGTERM), killing it if it does not stop."""
+    serve.send_signal(signal.SIGTERM)
+    try:
+        serve.wait(timeout=60)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+
+
+@needs_tritonserver
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_serve_and_request_give_what_sample_gives(tiny_artifacts, tmp_path):
+    artifact = tiny_artifacts / "stacked"
+    serve, (port, grpc_port, metrics_port) = start_serve(artifact)
     try:
         line = serve.stdout.readline()  # blocks until the server is ready (or serve exits)
         assert line.startswith(f"serving {artifact} at http://127.0.0.1:{port} (gRPC 127.0.0.1:{grpc_port}, metrics "
@@ -127,12 +144,7 @@ def test_serve_and_request_give_what_sample_gives(tiny_artifacts, tmp_path):
         server_pids = children(serve.pid)
         assert server_pids, "no tritonserver child"
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        finally:
-            if serve.poll() is None:
-                serve.kill()
+        stop_serve(serve)
     assert serve.returncode == 0, serve.stderr.read()
     deadline = time.monotonic() + 30
     while any(os.path.exists(f"/proc/{pid}") for pid in server_pids) and time.monotonic() < deadline:
@@ -153,15 +165,10 @@ def read_line(stream, timeout: float) -> str:
 def test_serve_restarts_the_server_when_a_model_process_dies(tiny_artifacts, tmp_path):
     """Triton 2.51's Python backend never answers the requests a crashed model process was
     running and fails those routed to it later: serve restarts the server."""
-    from cfg_export.serving.server import free_port, model_processes
+    from cfg_export.serving.server import model_processes
 
     artifact = tiny_artifacts / "stacked"
-    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    serve = subprocess.Popen([sys.executable, "-c", "from cfg_export.cli import main; main()", "serve", str(artifact),
-                              "--port", str(port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                              "--sampler-instances", "2"],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    serve, (port, grpc_port, metrics_port) = start_serve(artifact)
     try:
         line = read_line(serve.stdout, 180)
         assert line.startswith(f"serving {artifact} at http://127.0.0.1:{port}"), line
@@ -184,12 +191,7 @@ def test_serve_restarts_the_server_when_a_model_process_dies(tiny_artifacts, tmp
                            "--npy", tmp_path / f"x{seed}.npy")
             assert proc.returncode == 0, proc.stderr
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(timeout=60)
-        finally:
-            if serve.poll() is None:
-                serve.kill()
+        stop_serve(serve)
     assert serve.returncode == 0, serve.stderr.read()
 
 
