@@ -306,26 +306,32 @@ def _proc_stat(pid: int) -> list[str] | None:
         return None
 
 
-def model_processes(server_pid: int) -> dict[str, int]:
-    """The live model processes (Python-backend stubs) of a tritonserver, by model
-    instance name (the stub's next-to-last argument, e.g. "sampler_1_0"); Linux (/proc),
-    else empty."""
-    found = {}
+def child_processes(pid: int, live: bool = True) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc, else none); live: without the
+    dead ones not yet waited for (zombies)."""
+    found = []
     if not os.path.isdir("/proc"):
         return found
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        stat = _proc_stat(int(entry))
-        if stat is None or stat[1] != str(server_pid) or stat[0] in ("Z", "X"):
-            continue
+        if entry.isdigit():
+            stat = _proc_stat(int(entry))
+            if stat is not None and stat[1] == str(pid) and not (live and stat[0] in ("Z", "X")):
+                found.append(int(entry))
+    return found
+
+
+def model_processes(server_pid: int) -> dict[str, int]:
+    """The live model processes (Python-backend stubs) of a tritonserver, by model
+    instance name (the stub's next-to-last argument, e.g. "sampler_1_0")."""
+    found = {}
+    for pid in child_processes(server_pid):
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
         except OSError:
             continue
         if len(args) >= 3 and "stub" in os.path.basename(args[0]):
-            found[args[-2]] = int(entry)
+            found[args[-2]] = pid
     return found
 
 

@@ -77,17 +77,10 @@ def test_server_address_takes_what_serve_prints():
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
+    """The processes whose parent is `pid`, the dead ones not yet waited for included."""
+    from cfg_export.serving.server import child_processes
+
+    return child_processes(pid, live=False)
 
 
 def start_serve(artifact):
